@@ -1,0 +1,23 @@
+"""pytest setup shared by test_boe.py and test_kernel.py.
+
+Without a GPU the Triton kernels run in Triton's CPU interpreter. It reads TRITON_INTERPRET when a
+@triton.jit function is decorated, that is when attn_kernel is first imported, so it is set here,
+before any test module imports it.
+"""
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Hypothesis profiles: "ci" is small and repeatable (derandomized, no example database) so a CPU
+# run stays within a few minutes; "dev" explores more on a CPU; "gpu" is the long run on a GPU.
+# HYPOTHESIS_PROFILE picks one explicitly; otherwise a GPU machine gets "gpu" and anything else "ci".
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=30, derandomize=True, database=None, **_common)
+settings.register_profile("dev", max_examples=150, **_common)
+settings.register_profile("gpu", max_examples=400, derandomize=True, database=None, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if HAS_GPU else "ci"))

@@ -1,0 +1,436 @@
+"""ActiveQueryAttention: exact softmax attention whose backward pass only follows a set of active query rows.
+
+Backward-on-Entropy steering (TABES, "Trajectory-Aware Backward-on-Entropy Steering for Masked Diffusion
+Models", arXiv 2602.00250) needs one backward pass per denoising step in which only some query rows A
+(candidates and probes) carry gradient. For q, k, v of shape [B, H, L, D] (non-causal, no mask) and
+`active`, a bool [B, L]:
+
+    forward   S = scale * Q K^T,  P = softmax(S) (row-wise),  out = P V           for every row
+    gradient  of  where(active[row], out[row], out[row].detach()),  i.e. dOut[j] = 0 for j not in A
+
+With dOut zero off A, the usual attention backward only needs the active rows j in A:
+
+    Delta_j = sum_d out[j, d] * dOut[j, d]
+    dV      = P[A]^T dOut[A]                      dP[A] = dOut[A] V^T
+    dS[A]   = P[A] * (dP[A] - Delta[A])           (row-wise Delta)
+    dQ[A]   = scale * dS[A] K,    dQ[j] = 0 off A
+    dK      = scale * dS[A]^T Q[A]
+
+which costs O(|A| L D) instead of O(L^2 D). P[A] is rebuilt from Q[A], K and the per-row log-sum-exp
+that the forward stores, as in FlashAttention.
+
+Two implementations share this contract: Triton kernels (a flash-style forward, then a backward over a
+compact sorted list of active rows: a Delta preprocess, a dK/dV kernel and a dQ kernel; no atomics, so
+results are deterministic) and a pure PyTorch path. `reference_attention` is the dense oracle.
+"""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# Triton decides at decoration time whether @triton.jit functions run in its CPU interpreter.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_LOG2E = 1.4426950408889634  # the kernels use exp2/log2, so logits are scaled by log2(e)
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels. Every [B, H, L, D] tensor is addressed through (batch, head, row) strides with unit
+# stride along D; out, dOut, dQ, dK and dV are contiguous. Accumulators and statistics are fp32, dot
+# operands keep the input dtype. The log-sum-exp is stored in base 2: lse2 = log2(sum_n exp2(s_n)).
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(base, rows, row_mask, stride_row, HEAD_DIM: tl.constexpr):
+    """Rows `rows` of a [L, HEAD_DIM] matrix; masked rows read as 0."""
+    cols = tl.arange(0, HEAD_DIM)
+    return tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=row_mask[:, None], other=0.0)
+
+
+@triton.jit
+def _store_rows(base, rows, row_mask, stride_row, values, HEAD_DIM: tl.constexpr):
+    cols = tl.arange(0, HEAD_DIM)
+    tl.store(base + rows[:, None] * stride_row + cols[None, :], values, mask=row_mask[:, None])
+
+
+@triton.jit
+def _attention_forward_kernel(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+    num_heads, seq_len, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One block of BLOCK_M query rows of one (batch, head): online softmax over all key blocks."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < seq_len
+    q = _load_rows(q_base, rows, row_valid, stride_ql, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the base-2 logits
+    row_sum = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(logit - row_max)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # running sum of exp2(logit - row_max) * v
+    for start_n in range(0, seq_len, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        key_valid = keys < seq_len
+        k = _load_rows(k_base, keys, key_valid, stride_kl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+        v = _load_rows(v_base, keys, key_valid, stride_vl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        # The first key block always holds key 0, so row_max is finite from then on and no row
+        # (padded rows included) ever evaluates exp2(-inf - -inf).
+        logits = tl.where(key_valid[None, :], logits, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, 1))
+        p = tl.exp2(logits - new_max[:, None])  # [BLOCK_M, BLOCK_N]
+        rescale = tl.exp2(row_max - new_max)  # [BLOCK_M]
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        row_max = new_max
+
+    out = acc / row_sum[:, None]
+    _store_rows(Out + bh.to(tl.int64) * seq_len * HEAD_DIM, rows, row_valid, HEAD_DIM,
+                out.to(Out.dtype.element_ty), HEAD_DIM)
+    tl.store(Lse + bh.to(tl.int64) * seq_len + rows, row_max + tl.log2(row_sum), mask=row_valid)
+
+
+@triton.jit
+def _backward_preprocess_kernel(
+    Out, DOut, ActiveRows, ActiveCounts, Delta,
+    num_heads, seq_len,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Delta for BLOCK_M consecutive slots of the active-row list, stored compactly by slot."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    n_active = tl.load(ActiveCounts + b)
+    if pid_m * BLOCK_M >= n_active:  # the grid covers L slots; only the first n_active are used
+        return
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot_valid = slots < n_active
+    rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_valid, other=0)
+    bh_offset = bh.to(tl.int64) * seq_len * HEAD_DIM
+    out = _load_rows(Out + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM).to(tl.float32)
+    dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * seq_len + slots, tl.sum(out * dout, 1), mask=slot_valid)
+
+
+@triton.jit
+def _backward_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, ActiveRows, ActiveCounts, DK, DV,
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+    num_heads, seq_len, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dK, dV of BLOCK_N keys: the K/V tile stays resident while the gathered active rows stream by.
+
+    Works in the transposed orientation (keys x rows) so that P^T and dS^T come out of the dots directly.
+    """
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    bh_offset = bh.to(tl.int64) * seq_len * HEAD_DIM
+
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_valid = keys < seq_len
+    k = _load_rows(k_base, keys, key_valid, stride_kl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+    v = _load_rows(v_base, keys, key_valid, stride_vl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    n_active = tl.load(ActiveCounts + b)
+    for start in range(0, n_active, BLOCK_M):
+        slots = start + tl.arange(0, BLOCK_M)
+        slot_valid = slots < n_active
+        rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_valid, other=0)  # [BLOCK_M]
+        q = _load_rows(q_base, rows, slot_valid, stride_ql, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+        dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+        lse = tl.load(Lse + bh.to(tl.int64) * seq_len + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
+        delta = tl.load(Delta + bh.to(tl.int64) * seq_len + slots, mask=slot_valid, other=0.0)
+
+        logits_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        # Padded keys and padded slots must contribute nothing: their logits are not meaningful.
+        p_t = tl.where(key_valid[:, None] & slot_valid[None, :], tl.exp2(logits_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+
+    _store_rows(DK + bh_offset, keys, key_valid, HEAD_DIM, (dk * sm_scale).to(DK.dtype.element_ty), HEAD_DIM)
+    _store_rows(DV + bh_offset, keys, key_valid, HEAD_DIM, dv.to(DV.dtype.element_ty), HEAD_DIM)
+
+
+@triton.jit
+def _backward_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, ActiveRows, ActiveCounts, DQ,
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+    num_heads, seq_len, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ of BLOCK_M gathered active rows, resident while all key blocks stream by."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    n_active = tl.load(ActiveCounts + b)
+    if pid_m * BLOCK_M >= n_active:
+        return
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    bh_offset = bh.to(tl.int64) * seq_len * HEAD_DIM
+
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot_valid = slots < n_active
+    rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_valid, other=0)  # [BLOCK_M]
+    q = _load_rows(q_base, rows, slot_valid, stride_ql, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+    dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+    lse = tl.load(Lse + bh.to(tl.int64) * seq_len + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
+    delta = tl.load(Delta + bh.to(tl.int64) * seq_len + slots, mask=slot_valid, other=0.0)  # [BLOCK_M]
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    for start_n in range(0, seq_len, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        key_valid = keys < seq_len
+        k = _load_rows(k_base, keys, key_valid, stride_kl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+        v = _load_rows(v_base, keys, key_valid, stride_vl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        p = tl.where(key_valid[None, :], tl.exp2(logits - lse[:, None]), 0.0)
+        dp = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    # Inactive rows keep the zeros the wrapper filled dQ with; each active row is written once.
+    _store_rows(DQ + bh_offset, rows, slot_valid, HEAD_DIM, (dq * sm_scale).to(DQ.dtype.element_ty), HEAD_DIM)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch wrappers and the autograd Function of the Triton path.
+# --------------------------------------------------------------------------------------------------
+
+
+def _tile_sizes(kernel, head_dim, dtype, block_m, block_n):
+    """(BLOCK_M query rows, BLOCK_N keys) for `kernel`; explicit block_m / block_n override both.
+
+    On a GPU the resident tile (queries in the forward and dQ kernels, keys in dK/dV) is large and the
+    streamed one small, as in FlashAttention-2; fp32 halves the resident tile to fit shared memory. The
+    CPU interpreter pays per loop iteration, so it uses moderate square tiles.
+    """
+    if INTERPRETED:
+        default_m, default_n = 32, 32
+    else:
+        resident = 128 if dtype.itemsize == 2 else 64
+        streamed = 64 if kernel == "forward" and head_dim <= 64 else 32
+        default_m, default_n = (streamed, resident) if kernel == "dkdv" else (resident, streamed)
+    return block_m or default_m, block_n or default_n
+
+
+def _launch_options(q):
+    # fp32 dots would run in TF32 on a GPU; "ieee" keeps them exact. For fp16/bf16 operands the
+    # precision setting has no effect and Triton's default ("tf32") is passed.
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    return dict(DOT_PRECISION=dot_precision, num_warps=8 if q.shape[-1] == 128 else 4, num_stages=3)
+
+
+def _row_strides(x):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _triton_forward(q, k, v, scale, block_m, block_n):
+    batch, heads, seq_len, head_dim = q.shape
+    out = torch.empty((batch, heads, seq_len, head_dim), dtype=q.dtype, device=q.device)  # [B, H, L, D]
+    lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)  # [B, H, L], base 2
+    tile_m, tile_n = _tile_sizes("forward", head_dim, q.dtype, block_m, block_n)
+    grid = (triton.cdiv(seq_len, tile_m), batch * heads)
+    _attention_forward_kernel[grid](
+        q, k, v, out, lse, *_row_strides(q), *_row_strides(k), *_row_strides(v),
+        heads, seq_len, scale * _LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=tile_m, BLOCK_N=tile_n, **_launch_options(q),
+    )
+    return out, lse
+
+
+def _triton_backward(q, k, v, out, lse, dout, active, scale, block_m, block_n, need_dq, need_dkdv):
+    batch, heads, seq_len, head_dim = q.shape
+    active_rows, active_counts = _compact_active_rows(active)
+    active_rows = active_rows.to(torch.int32)  # [B, L]: active rows first, ascending
+    active_counts = active_counts.to(torch.int32)  # [B]
+    # The grids cover all L slots and programs past a sequence's count return at once: this avoids the
+    # host sync that sizing the grid by max(counts) would need.
+    delta = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)  # [B, H, L] by slot
+    common = dict(HEAD_DIM=head_dim, **_launch_options(q))
+    strides = (*_row_strides(q), *_row_strides(k), *_row_strides(v))
+
+    tile_m, _ = _tile_sizes("dq", head_dim, q.dtype, block_m, block_n)
+    _backward_preprocess_kernel[(triton.cdiv(seq_len, tile_m), batch * heads)](
+        out, dout, active_rows, active_counts, delta, heads, seq_len,
+        HEAD_DIM=head_dim, BLOCK_M=tile_m,
+    )
+    dq = dk = dv = None
+    if need_dkdv:
+        dk = torch.empty_like(out)  # [B, H, L, D], every key row is written
+        dv = torch.empty_like(out)  # [B, H, L, D]
+        tile_m, tile_n = _tile_sizes("dkdv", head_dim, q.dtype, block_m, block_n)
+        _backward_dkdv_kernel[(triton.cdiv(seq_len, tile_n), batch * heads)](
+            q, k, v, dout, lse, delta, active_rows, active_counts, dk, dv, *strides,
+            heads, seq_len, scale * _LOG2E, scale, BLOCK_M=tile_m, BLOCK_N=tile_n, **common,
+        )
+    if need_dq:
+        dq = torch.zeros_like(out)  # [B, H, L, D], only active rows are written
+        tile_m, tile_n = _tile_sizes("dq", head_dim, q.dtype, block_m, block_n)
+        _backward_dq_kernel[(triton.cdiv(seq_len, tile_m), batch * heads)](
+            q, k, v, dout, lse, delta, active_rows, active_counts, dq, *strides,
+            heads, seq_len, scale * _LOG2E, scale, BLOCK_M=tile_m, BLOCK_N=tile_n, **common,
+        )
+    return dq, dk, dv
+
+
+class _ActiveQueryAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, active, scale, block_m, block_n):
+        out, lse = _triton_forward(q, k, v, scale, block_m, block_n)
+        ctx.save_for_backward(q, k, v, out, lse, active)
+        ctx.settings = (scale, block_m, block_n)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, active = ctx.saved_tensors
+        need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
+        # The kernels index dOut like out; autograd almost always hands over a contiguous tensor already.
+        dq, dk, dv = _triton_backward(q, k, v, out, lse, dout.contiguous(), active, *ctx.settings,
+                                      need_dq=need_dq, need_dkdv=need_dk or need_dv)
+        return dq, dk if need_dk else None, dv if need_dv else None, None, None, None, None
+
+
+def _compact_active_rows(active):
+    """Per sequence, the active row indices in ascending order followed by the inactive ones; and counts.
+
+    A stable sort on the key "row is inactive" yields this without nonzero(), which would sync the host.
+    """
+    rows = torch.argsort((~active).to(torch.uint8), dim=1, stable=True)  # [B, L]
+    return rows, active.sum(dim=1)  # [B, L], [B]
+
+
+def active_query_attention(q, k, v, active, scale=None, backend="auto", block_m=None, block_n=None):
+    """Softmax attention over all rows whose backward only follows the rows where `active` is True.
+
+    q, k, v: [B, H, L, D], same dtype and device; active: bool [B, L]; scale defaults to 1 / sqrt(D).
+    backend: "triton" (kernels; on CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1 set
+    before import), "torch", or "auto" (Triton for CUDA tensors, or CPU tensors when interpreted, if it
+    supports D and the dtype; PyTorch otherwise). block_m / block_n override the Triton tile sizes
+    (query rows, keys; powers of two >= 16); the torch backend ignores them.
+    """
+    _check_inputs(q, k, v, active)
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"unknown backend {backend!r}; use 'auto', 'triton' or 'torch'")
+    for name, block in (("block_m", block_m), ("block_n", block_n)):
+        if block is not None and (block < 16 or block & (block - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16, got {block}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+    if backend == "auto":
+        usable = (q.is_cuda or INTERPRETED) and _triton_unsupported_reason(q) is None
+        backend = "triton" if usable else "torch"
+    if backend == "torch":
+        return _torch_attention(q, k, v, active, scale)
+
+    if not (q.is_cuda or INTERPRETED):
+        raise ValueError("backend='triton' on CPU tensors needs Triton's interpreter: set the environment "
+                         "variable TRITON_INTERPRET=1 before importing attn_kernel, or use backend='torch'")
+    reason = _triton_unsupported_reason(q)
+    if reason is not None:
+        raise TypeError(reason) if "dtype" in reason else ValueError(reason)
+    # The kernels need unit stride along D; any other layout is handled through strides.
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    return _ActiveQueryAttention.apply(q, k, v, active, scale, block_m, block_n)
+
+
+def _check_inputs(q, k, v, active):
+    for name, x in (("q", q), ("k", k), ("v", v), ("active", active)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D [B, H, L, D], got shape {tuple(q.shape)}")
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"q, k, v must be floating point, got dtype {q.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
+    if active.dtype != torch.bool:
+        raise TypeError(f"active must be a bool tensor, got dtype {active.dtype}")
+    if active.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"active must have shape [B, L] = {(q.shape[0], q.shape[2])}, got {tuple(active.shape)}")
+    if active.device != q.device:
+        raise ValueError(f"active must be on the device of q ({q.device}), got {active.device}")
+
+
+def _triton_unsupported_reason(q):
+    """Why the Triton kernels cannot take q (a message), or None."""
+    head_dim = q.shape[-1]
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"backend='triton' supports head dim D in {SUPPORTED_HEAD_DIMS}, got D={head_dim}; use backend='torch'"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"backend='triton' supports dtype float16, bfloat16 and float32, got {q.dtype}"
+    if q.dtype == torch.bfloat16 and not q.is_cuda:
+        return "backend='triton' does not support dtype bfloat16 in Triton's CPU interpreter; use a GPU or float32"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch path: the same function from two SDPA calls; its backward also costs O(|A| L D).
+# --------------------------------------------------------------------------------------------------
+
+
+def _torch_attention(q, k, v, active, scale):
+    with torch.no_grad():
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, H, L, D], every row
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return out
+
+    batch, heads, seq_len, head_dim = q.shape
+    rows, counts = _compact_active_rows(active)  # [B, L], [B]
+    # Gathering needs a static width, so this path syncs the host once for max(counts). At least one
+    # slot keeps the graph connected (with all-zero gradients) when no row is active.
+    width = max(int(counts.max()), 1)
+    slots = torch.arange(width, device=q.device)
+    # Padding slots point at row L, an extra zero row of q whose output lands in a dump row.
+    rows = torch.where(slots[None, :] < counts[:, None], rows[:, :width], seq_len)  # [B, width]
+    index = rows[:, None, :, None].expand(batch, heads, width, head_dim)  # [B, H, width, D]
+    q_active = F.pad(q, (0, 0, 0, 1)).gather(2, index)  # [B, H, width, D]
+    out_active = F.scaled_dot_product_attention(q_active, k, v, scale=scale)  # [B, H, width, D]
+    # Zero-valued but carrying the gradient of the active rows: adding it keeps the returned values
+    # bit-identical to the full SDPA call above while dOut flows back only through the active rows.
+    carrier = out_active - out_active.detach()  # [B, H, width, D]
+    scattered = out.new_zeros(batch, heads, seq_len + 1, head_dim).scatter(2, index, carrier)  # [B, H, L+1, D]
+    return out + scattered[:, :, :seq_len]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference: dense attention, then stop the gradient of inactive rows.
+# --------------------------------------------------------------------------------------------------
+
+
+def reference_attention(q, k, v, active, scale=None):
+    """Dense softmax attention whose output rows outside `active` are detached; O(L^2 D) both ways."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    probs = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)  # [B, H, L, L]
+    out = probs @ v  # [B, H, L, D]
+    return torch.where(active[:, None, :, None], out, out.detach())

@@ -1,0 +1,269 @@
+"""Tests of attn_kernel: both backends against a float64 dense reference, by the same properties.
+
+Without a GPU the "triton" backend runs its kernels in Triton's CPU interpreter (conftest.py sets
+TRITON_INTERPRET=1 before this module imports attn_kernel), so shapes stay small. On a GPU the "gpu"
+hypothesis profile (HYPOTHESIS_PROFILE=gpu, the default there) also draws long sequences and bfloat16.
+"""
+import dataclasses
+import math
+from typing import Optional
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import example, given, strategies as st
+
+import attn_kernel
+from attn_kernel import active_query_attention, reference_attention
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+BACKENDS = ["triton", "torch"]
+MAX_LEN = 4096 if ON_GPU else 160
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+# Explicit tile sizes are drawn on the CPU only: on a GPU every new size means another compilation.
+BLOCK_CHOICES = [None] if ON_GPU else [None, 32, 64]
+ROW_PADDING = 129  # NaN rows after each sequence's view: more than any tile can overrun
+
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    batch: int
+    heads: int
+    seq_len: int
+    head_dim: int
+    dtype: torch.dtype
+    # One active-set pattern per sequence: ("empty",), ("all",), ("single", row), ("run", start, length),
+    # ("random", percent) or ("strided", offset, step); rows are taken modulo seq_len.
+    patterns: tuple
+    block_m: Optional[int] = None
+    block_n: Optional[int] = None
+    sharpness: float = 1.0  # multiplies q: larger values give peakier softmax rows
+    seed: int = 0
+
+
+def active_rows(pattern, seq_len, generator):
+    """bool [seq_len] for one pattern of Problem.patterns."""
+    kind, *args = pattern
+    rows = torch.arange(seq_len)
+    if kind == "empty":
+        return torch.zeros(seq_len, dtype=torch.bool)
+    if kind == "all":
+        return torch.ones(seq_len, dtype=torch.bool)
+    if kind == "single":
+        return rows == args[0] % seq_len
+    if kind == "run":
+        start = args[0] % seq_len
+        return (rows >= start) & (rows < start + args[1])
+    if kind == "strided":
+        return rows % args[1] == args[0] % args[1]
+    return torch.rand(seq_len, generator=generator) < args[0] / 100  # "random"
+
+
+def nan_padded_view(shape, dtype, generator):
+    """Random [B, H, L, D] values inside a NaN-filled [B, L + padding, H, D + 16] buffer.
+
+    The view has a model-like layout (heads interleaved along a sequence) and any read outside it,
+    past the last row or column, returns NaN, which the finiteness checks then catch.
+    """
+    batch, heads, seq_len, head_dim = shape
+    buffer = torch.full((batch, seq_len + ROW_PADDING, heads, head_dim + 16), float("nan"), dtype=dtype, device=DEVICE)
+    view = buffer[:, 1:seq_len + 1, :, :head_dim].transpose(1, 2)  # [B, H, L, D]
+    view.copy_(torch.randn(shape, generator=generator).to(dtype))
+    return view
+
+
+def make_inputs(problem):
+    generator = torch.Generator().manual_seed(problem.seed)
+    shape = (problem.batch, problem.heads, problem.seq_len, problem.head_dim)
+    q, k, v = (nan_padded_view(shape, problem.dtype, generator) for _ in range(3))
+    q.mul_(problem.sharpness)
+    active = torch.stack([active_rows(p, problem.seq_len, generator) for p in problem.patterns]).to(DEVICE)
+    dout = torch.randn(shape, generator=generator).to(problem.dtype).to(DEVICE)  # also nonzero on inactive rows
+    return q, k, v, active, dout
+
+
+def run_with_grads(fn, q, k, v, dout, dtype=None):
+    """fn's output and the gradients of <output, dout> w.r.t. q, k, v (cast to dtype first if given)."""
+    leaves = [x.detach().to(dtype or x.dtype).requires_grad_() for x in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), *(x.grad for x in leaves)
+
+
+def run_backend(backend, problem, q, k, v, active, dout):
+    def fn(q, k, v):
+        out = active_query_attention(q, k, v, active, backend=backend,
+                                     block_m=problem.block_m, block_n=problem.block_n)
+        if backend == "triton":  # the kernels ran, not a silent fallback to PyTorch
+            assert type(out.grad_fn).__name__ == "_ActiveQueryAttentionBackward"
+        return out
+
+    if backend == "triton":
+        with mock.patch.object(attn_kernel, "_torch_attention", side_effect=AssertionError("torch path taken")):
+            return run_with_grads(fn, q, k, v, dout)
+    return run_with_grads(fn, q, k, v, dout)
+
+
+def assert_close(name, actual, expected, bound):
+    error = (actual.double() - expected).norm().item()
+    assert error <= bound, f"{name}: error norm {error:.3g} > bound {bound:.3g} (reference norm {expected.norm():.3g})"
+
+
+PATTERNS = st.one_of(
+    st.just(("empty",)),
+    st.just(("all",)),
+    st.tuples(st.just("single"), st.integers(0, MAX_LEN - 1)),
+    st.tuples(st.just("run"), st.integers(0, MAX_LEN - 1), st.integers(1, MAX_LEN)),
+    st.tuples(st.just("random"), st.integers(1, 99)),
+    st.tuples(st.just("strided"), st.integers(0, 7), st.integers(2, 8)),
+)
+
+
+@st.composite
+def problems(draw):
+    batch = draw(st.integers(1, 3))
+    return Problem(
+        batch=batch,
+        heads=draw(st.integers(1, 4 if ON_GPU else 2)),
+        seq_len=draw(st.one_of(st.integers(1, 70), st.integers(1, MAX_LEN))),
+        head_dim=draw(st.sampled_from(attn_kernel.SUPPORTED_HEAD_DIMS)),
+        dtype=draw(st.sampled_from(DTYPES)),
+        patterns=tuple(draw(PATTERNS) for _ in range(batch)),
+        block_m=draw(st.sampled_from(BLOCK_CHOICES)),
+        block_n=draw(st.sampled_from(BLOCK_CHOICES)),
+        sharpness=draw(st.sampled_from([1.0, 4.0])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def single(seq_len, patterns, dtype=torch.float32, **kwargs):
+    return Problem(batch=len(patterns), heads=2, seq_len=seq_len, head_dim=32, dtype=dtype, patterns=patterns, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(problem=problems())
+@example(problem=single(1, (("all",),)))
+@example(problem=single(1, (("empty",), ("all",))))
+@example(problem=single(33, (("random", 50), ("all",)), block_m=32, block_n=32))  # L = block + 1
+@example(problem=single(100, (("run", 5, 33), ("single", 99)), block_m=32, block_n=32))  # nA = block + 1
+@example(problem=single(40, (("random", 30), ("strided", 1, 3)), dtype=torch.float16, block_m=16, block_n=16))
+@example(problem=single(70, (("empty",), ("empty",))))
+@example(problem=single(70, (("all",), ("all",)), dtype=torch.float16, sharpness=4.0))
+def test_matches_float64_reference_and_only_active_rows_carry_gradient(backend, problem):
+    q, k, v, active, dout = make_inputs(problem)
+    results = run_backend(backend, problem, q, k, v, active, dout)
+    expected = run_with_grads(lambda q, k, v: reference_attention(q, k, v, active), q, k, v, dout, torch.float64)
+
+    if problem.dtype == torch.float32:
+        bounds = [1e-4 * e.norm().item() + 1e-6 * math.sqrt(e.numel()) for e in expected]
+    else:  # twice the error of PyTorch's own attention in this dtype plus that of rounding to the dtype
+        same_dtype = run_with_grads(lambda q, k, v: reference_attention(q, k, v, active), q, k, v, dout)
+        bounds = [2 * ((t.double() - e).norm() + (e.to(t.dtype).double() - e).norm()).item()
+                  + 1e-5 * math.sqrt(e.numel()) for t, e in zip(same_dtype, expected)]
+    for name, actual, reference, bound in zip(["out", "dq", "dk", "dv"], results, expected, bounds):
+        assert torch.isfinite(actual).all(), f"{name} has NaN or inf"
+        assert_close(name, actual, reference, bound)
+
+    out, dq, dk, dv = results
+    assert not dq.masked_select(~active[:, None, :, None]).any(), "dq must be exactly zero on inactive rows"
+    for b, pattern_rows in enumerate(active):
+        if not pattern_rows.any():
+            assert not dk[b].any() and not dv[b].any(), "an empty active set must give zero dk, dv"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_active_set_gives_dense_attention_gradients(backend):
+    problem = single(50, (("all",), ("all",)))
+    q, k, v, active, dout = make_inputs(problem)
+    results = run_backend(backend, problem, q, k, v, active, dout)
+    dense = run_with_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), q, k, v, dout)
+    for name, actual, expected in zip(["out", "dq", "dk", "dv"], results, dense):
+        assert_close(name, actual, expected.double(), 1e-4 * expected.norm().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("needs_grad", ["q", "kv", "v", ""])
+def test_gradients_only_for_inputs_that_require_them(backend, needs_grad):
+    q, k, v, active, dout = make_inputs(single(40, (("random", 40), ("single", 3))))
+    leaves = {name: x.detach().clone().requires_grad_(name in needs_grad) for name, x in zip("qkv", (q, k, v))}
+    out = active_query_attention(leaves["q"], leaves["k"], leaves["v"], active, backend=backend)
+    expected = run_with_grads(lambda q, k, v: reference_attention(q, k, v, active), q, k, v, dout, torch.float64)
+    assert_close("out", out.detach(), expected[0], 1e-4 * expected[0].norm().item())
+    if not needs_grad:
+        assert not out.requires_grad
+        return
+    out.backward(dout)
+    for name, reference in zip("qkv", expected[1:]):
+        grad = leaves[name].grad
+        if name in needs_grad:
+            assert_close(f"d{name}", grad, reference, 1e-4 * reference.norm().item() + 1e-7)
+        else:
+            assert grad is None
+
+
+def test_torch_backend_forward_is_bitwise_plain_attention():
+    q, k, v, active, _ = make_inputs(single(60, (("random", 25), ("empty",))))
+    q.requires_grad_()
+    out = active_query_attention(q, k, v, active, backend="torch")
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_auto_backend_picks_triton_when_it_can_and_torch_otherwise(monkeypatch):
+    q, k, v, active, _ = make_inputs(single(20, (("all",), ("empty",))))
+    q.requires_grad_()
+    backward_name = lambda x: type(active_query_attention(x, x, x, active).grad_fn).__name__
+    assert backward_name(q) == "_ActiveQueryAttentionBackward"  # CUDA tensors, or interpreted on the CPU
+    assert backward_name(torch.randn(2, 2, 20, 24, device=DEVICE, requires_grad=True)) == "AddBackward0"
+    monkeypatch.setattr(attn_kernel, "INTERPRETED", False)
+    assert backward_name(q.detach().cpu().requires_grad_()) == "AddBackward0"
+
+
+@needs_gpu
+def test_backward_is_bitwise_deterministic_on_gpu():
+    problem = single(3000, (("random", 25), ("run", 7, 900)), dtype=torch.float16)
+    q, k, v, active, dout = make_inputs(problem)
+    first, second = (run_backend("triton", problem, q, k, v, active, dout) for _ in range(2))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def _bad_call(**overrides):
+    """Keyword arguments of a call that is valid except for `overrides`."""
+    q, k, v = (torch.randn(2, 2, 8, 16) for _ in range(3))
+    call = dict(q=q, k=k, v=v, active=torch.ones(2, 8, dtype=torch.bool), backend="triton")
+    call.update(overrides)
+    return call
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (_bad_call(q=torch.randn(2, 8, 16)), ValueError, "q must be 4-D"),
+    (_bad_call(k=torch.randn(2, 2, 9, 16)), ValueError, "k must have the shape of q"),
+    (_bad_call(v=torch.randn(2, 2, 8, 16, dtype=torch.float64)), TypeError, "v must have the dtype of q"),
+    (_bad_call(v=torch.randn(2, 2, 8, 16, device="meta")), ValueError, "v must be on the device of q"),
+    (_bad_call(active=torch.ones(2, 9, dtype=torch.bool)), ValueError, r"active must have shape \[B, L\]"),
+    (_bad_call(active=torch.ones(2, 8)), TypeError, "active must be a bool tensor"),
+    (_bad_call(active=torch.ones(2, 8, dtype=torch.bool, device="meta")), ValueError, "active must be on the device"),
+    (_bad_call(**{x: torch.randn(2, 2, 8, 24) for x in "qkv"}), ValueError, "supports head dim D"),
+    (_bad_call(backend="cuda"), ValueError, "unknown backend"),
+    (_bad_call(block_m=24), ValueError, "block_m must be a power of two"),
+])
+def test_bad_inputs_raise_clear_errors(call, error, match, monkeypatch):
+    monkeypatch.setattr(attn_kernel, "INTERPRETED", True)  # reach the checks behind the interpreter check
+    with pytest.raises(error, match=match):
+        active_query_attention(**call)
+
+
+def test_bfloat16_is_refused_by_the_cpu_interpreter(monkeypatch):
+    monkeypatch.setattr(attn_kernel, "INTERPRETED", True)
+    with pytest.raises(TypeError, match="bfloat16 in Triton's CPU interpreter"):
+        active_query_attention(**_bad_call(**{x: torch.randn(2, 2, 8, 16, dtype=torch.bfloat16) for x in "qkv"}))
+
+
+def test_triton_backend_on_cpu_without_interpreter_says_how_to_enable_it(monkeypatch):
+    monkeypatch.setattr(attn_kernel, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        active_query_attention(**_bad_call())

@@ -19,5 +19,5 @@ if not HAS_GPU:
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("ci", max_examples=30, derandomize=True, database=None, **_common)
 settings.register_profile("dev", max_examples=150, **_common)
-settings.register_profile("gpu", max_examples=400, derandomize=True, database=None, **_common)
+settings.register_profile("gpu", max_examples=200, derandomize=True, database=None, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if HAS_GPU else "ci"))

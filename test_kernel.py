@@ -159,11 +159,14 @@ def test_matches_float64_reference_and_only_active_rows_carry_gradient(backend, 
     expected = run_with_grads(lambda q, k, v: reference_attention(q, k, v, active), q, k, v, dout, torch.float64)
 
     if problem.dtype == torch.float32:
-        bounds = [1e-4 * e.norm().item() + 1e-6 * math.sqrt(e.numel()) for e in expected]
-    else:  # twice the error of PyTorch's own attention in this dtype plus that of rounding to the dtype
+        bounds = [1e-4 * e.norm().item() + 1e-5 * math.sqrt(e.numel()) for e in expected]
+    else:
+        # Twice the error of PyTorch's own attention in this dtype, plus two units of rounding: Delta is
+        # built from the rounded output (as in FlashAttention), which PyTorch's softmax backward avoids.
         same_dtype = run_with_grads(lambda q, k, v: reference_attention(q, k, v, active), q, k, v, dout)
-        bounds = [2 * ((t.double() - e).norm() + (e.to(t.dtype).double() - e).norm()).item()
-                  + 1e-5 * math.sqrt(e.numel()) for t, e in zip(same_dtype, expected)]
+        eps = torch.finfo(problem.dtype).eps
+        bounds = [(2 * (t.double() - e).norm() + 2 * eps * e.norm()).item() + 1e-5 * math.sqrt(e.numel())
+                  for t, e in zip(same_dtype, expected)]
     for name, actual, reference, bound in zip(["out", "dq", "dk", "dv"], results, expected, bounds):
         assert torch.isfinite(actual).all(), f"{name} has NaN or inf"
         assert_close(name, actual, reference, bound)
@@ -219,6 +222,7 @@ def test_auto_backend_picks_triton_when_it_can_and_torch_otherwise(monkeypatch):
     assert backward_name(q) == "_ActiveQueryAttentionBackward"  # CUDA tensors, or interpreted on the CPU
     assert backward_name(torch.randn(2, 2, 20, 24, device=DEVICE, requires_grad=True)) == "AddBackward0"
     monkeypatch.setattr(attn_kernel, "INTERPRETED", False)
+    active = active.cpu()
     assert backward_name(q.detach().cpu().requires_grad_()) == "AddBackward0"
 
 

@@ -153,10 +153,13 @@ def test_forward_and_backward_counts_are_as_documented():
     steps = 3  # budgets 3, 3, 3: the last step has no choice to make
     _, plain = boe.generate(model, prompts, steps, "confidence")
     assert plain["forwards"].tolist() == [steps] * 4 and plain["backwards"].tolist() == [0] * 4
-    _, boe_record = boe.generate(model, prompts, steps, "boe")
+    _, boe_record = boe.generate(model, prompts, steps, "boe", boe.SamplerConfig(candidates=2))
     # BoE: per step with a choice, one surrogate forward and one backward on top of the plain forward.
     assert boe_record["forwards"].tolist() == [steps + 2] * 4
     assert boe_record["backwards"].tolist() == [2] * 4
+    # With r = 8, step 2 (6 masked) has every masked position as a candidate: no probes, no surrogate.
+    _, wide = boe.generate(model, prompts, steps, "boe", boe.SamplerConfig(candidates=8))
+    assert wide["forwards"].tolist() == [steps + 1] * 4 and wide["backwards"].tolist() == [1] * 4
     _, look = boe.generate(model, prompts, steps, "lookahead")
     # Lookahead over every masked position: 9 then 6 candidate forwards.
     assert look["forwards"].tolist() == [steps + 9 + 6] * 4
@@ -264,3 +267,6 @@ def test_main_job_prints_every_order_rule_and_writes_json(tmp_path):
     show = subprocess.run(cmd[:2] + ["--show", "0", "--steps", "3", "--cache", str(tmp_path / "m.pt"),
                                      "--train-steps", "30"], capture_output=True, text=True, timeout=300, env=env)
     assert show.returncode == 0 and "step 3:" in show.stdout, show.stderr
+    tune = subprocess.run(cmd[:2] + ["--tune", "--instances", "8", "--steps", "2", "--cache", str(tmp_path / "m.pt"),
+                                     "--train-steps", "30"], capture_output=True, text=True, timeout=300, env=env)
+    assert tune.returncode == 0 and "candidates=" in tune.stdout, tune.stderr

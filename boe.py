@@ -108,6 +108,7 @@ class MaskedDiffusionTransformer(nn.Module):
     def forward(self, tokens):
         return self.forward_embeds(self.embed(tokens))  # [B, L, V]
 
+
 # -----------------------------------------------------------------------------
 # 2. Task: "mark an open cell, then name it", and training
 #
@@ -127,6 +128,9 @@ class MaskedDiffusionTransformer(nn.Module):
 # and usually disagree. Revealing the pivot early settles every mark. The pivot is the decisive and
 # the least confident token, and necessarily so: a token that is a function of another is at least
 # as confident as it.
+#
+# Measured (README.md): with 2, 3 and 5 steps the exact lookahead beats confidence by 69, 47 and 35
+# points; with 9 steps (one reveal each) every order rule solves nearly every instance.
 
 N_CELLS = 8
 BLOCKED, OPEN, UNMARKED, MARKED, SEP, MASK = 8, 9, 10, 11, 12, 13  # ids 0..7 are the cell numbers 1..8
@@ -197,7 +201,9 @@ def train(model_cfg, train_cfg):
         lr_scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / train_cfg.steps))
         for group in opt.param_groups:
             group["lr"] = train_cfg.lr * lr_scale
-        # Fresh instances every step, from seeds that evaluation never uses (it uses 1000 and up).
+        # Fresh instances every step, from negative seeds: tuning uses seed 0, evaluation seed 1. The
+        # task has only 219 distinct prompts, so every prompt is seen in training; what the
+        # evaluation measures is the sampler, not generalisation to new prompts.
         _, answers = make_instances(train_cfg.batch_size, seed=-(train_cfg.seed * 10**6 + step))
         loss = masked_diffusion_loss(model, answers, gen)
         opt.zero_grad(set_to_none=True)
@@ -228,6 +234,7 @@ def load_or_train(model_cfg, train_cfg, retrain=False):
     model = train(model_cfg, train_cfg)
     torch.save({"configs": configs, "state_dict": model.state_dict()}, train_cfg.cache)
     return model
+
 
 # -----------------------------------------------------------------------------
 # 3. Samplers: one decoding loop, many order rules
@@ -299,7 +306,8 @@ def score_random(s):
 
 
 def score_left_to_right(s):
-    return -torch.arange(s.tokens.shape[1], dtype=torch.float32, device=s.tokens.device).expand(s.tokens.shape)
+    positions = torch.arange(s.tokens.shape[1], dtype=torch.float32, device=s.tokens.device)  # [L]
+    return -positions.expand(s.tokens.shape)  # [B, L]
 
 
 def score_confidence(s):
@@ -315,9 +323,10 @@ def score_entropy(s):
     return -entropy(s.probs)  # [B, L]
 
 
-def lookahead_costs(s, positions, valid):
+def lookahead_costs(s, positions, valid, counted=None):
     """Exact one-step lookahead for each candidate: commit it (argmax), run a forward, and measure the
-    total entropy left on the other masked positions. One forward per candidate: the O(K) search.
+    total entropy left on the other masked positions (or on the `counted` ones, bool [B, L]). One
+    forward per candidate: the O(K) search.
 
     cost_i = H_i + sum_{j masked, j != i} H(p_j | x_t with i revealed)   (information-gain form)
     With lookahead_own_entropy=False the H_i term is dropped (the pure-future ablation). Without it a
@@ -336,9 +345,9 @@ def lookahead_costs(s, positions, valid):
         trial[rows[: len(pos)], pos] = committed[live, pos]
         with torch.no_grad():
             _, probs = predict(s.model, trial)  # [b, L, V]
-        still_masked = s.masked[live].clone()  # [b, L]
-        still_masked[rows[: len(pos)], pos] = False
-        future = (entropy(probs) * still_masked).sum(1)  # [b]
+        still_counted = (s.masked if counted is None else counted)[live].clone()  # [b, L]
+        still_counted[rows[: len(pos)], pos] = False
+        future = (entropy(probs) * still_counted).sum(1)  # [b]
         costs[live, k] = future + (own[live, pos] if s.cfg.lookahead_own_entropy else 0)
         s.forwards[live] += 1
     return costs  # [B, K]
@@ -434,6 +443,7 @@ def commit(probs, temperature, generators):
     return torch.stack([torch.multinomial(row, 1, generator=g)[:, 0]
                         for row, g in zip(sharpened, generators)]).to(probs.device)  # [B, L]
 
+
 # -----------------------------------------------------------------------------
 # 4. Backward-on-Entropy: the Token Influence Score
 #
@@ -478,13 +488,19 @@ def token_influence(logits_fn, embeds, delta, probes, mask_id=None, active=None)
     return -(grad.to(precision) * delta.to(precision)).sum(-1)  # [B, L]
 
 
+def soft_embeddings(s):
+    """e~ = sum_v w(v) E[v] at every position; w = softmax(logits / tau) is p ** (1 / tau) renormalised."""
+    table = s.model.token_embedding.weight.detach()  # [V, D]
+    return (s.logits / s.cfg.tau).softmax(-1).to(table.dtype) @ table  # [B, L, D]
+
+
 def boe_candidates_and_tis(s):
-    """BoE steps 1-6: candidates (bool [B, L]) and their TIS ([B, L], 0 off the candidates)."""
+    """BoE's candidates and probes (bool [B, L] each) and the candidates' TIS ([B, L], 0 elsewhere)."""
     cfg, model = s.cfg, s.model
     L = s.tokens.shape[1]
     confidence, own_entropy = score_confidence(s), entropy(s.probs)  # [B, L], [B, L]
     if not s.has_choice.any():  # every row reveals all it has left: no need to rank
-        return s.masked, torch.zeros_like(confidence)
+        return s.masked, torch.zeros_like(s.masked), torch.zeros_like(confidence)
     if cfg.candidates == 0:
         # [ours, an ablation] Every masked position is a candidate and a probe. A decisive token is
         # never among the most confident (its dependents are at least as confident as it), so the
@@ -505,10 +521,9 @@ def boe_candidates_and_tis(s):
                                       torch.full_like(s.budget, n_probes))  # [B, P]
         probes = torch.zeros_like(probes).scatter(1, keep, keep_valid)  # [B, L]
     if not cfg.use_tis or not probes.any():
-        return candidates, torch.zeros_like(confidence)
-    # Soft embeddings of the candidates; w = softmax(logits / tau) is p ** (1 / tau) renormalised.
+        return candidates, probes, torch.zeros_like(confidence)
     table = model.token_embedding.weight.detach()  # [V, D]
-    soft = (s.logits / cfg.tau).softmax(-1).to(table.dtype) @ table  # [B, L, D]
+    soft = soft_embeddings(s)  # [B, L, D]
     hard = model.embed(s.tokens).detach()  # [B, L, D]
     surrogate = torch.where(candidates[..., None], soft, hard)  # [B, L, D]
     delta = (soft - table[model.mask_id]) * candidates[..., None]  # [B, L, D]
@@ -516,7 +531,7 @@ def boe_candidates_and_tis(s):
     tis = token_influence(model.forward_embeds, surrogate, delta, probes, model.mask_id, active)  # [B, L]
     s.forwards += s.has_choice  # the surrogate runs on the whole batch; rows without a choice
     s.backwards += s.has_choice  # would skip it if run alone, so they are not charged
-    return candidates, tis * candidates
+    return candidates, probes, tis * candidates
 
 
 def score_boe(s):
@@ -528,7 +543,7 @@ def score_boe(s):
     tokens that are already nearly certain."""
     cfg = s.cfg
     confidence, own_entropy = score_confidence(s), entropy(s.probs)  # [B, L], [B, L]
-    candidates, tis = boe_candidates_and_tis(s)  # [B, L], [B, L]
+    candidates, _, tis = boe_candidates_and_tis(s)  # [B, L], [B, L]
     if cfg.use_tis:
         low = tis.masked_fill(~candidates, math.inf).min(1, keepdim=True).values  # [B, 1]
         high = tis.masked_fill(~candidates, -math.inf).max(1, keepdim=True).values  # [B, 1]
@@ -550,6 +565,7 @@ ORDER_RULES = {
     "lookahead": score_lookahead,
     "boe": score_boe,
 }
+
 
 # -----------------------------------------------------------------------------
 # 5. Compute accounting, evaluation and the main job
@@ -598,32 +614,66 @@ def evaluate(model, prompts, label, order, steps, cfg, bwd_cost):
                 ci95=wilson_interval(solved, len(prompts)), fwd_equiv=fwd_equiv, wall_s=record["wall_s"])
 
 
+def soft_reveal_drops(s, positions, valid, probes):
+    """For each candidate alone: the drop of the probes' entropy when its input embedding moves from
+    E[MASK] to its soft embedding, measured exactly (one forward per candidate). TIS is the first-order
+    estimate of this drop (taken at the surrogate state, where all candidates are soft at once)."""
+    rows = torch.arange(len(positions), device=positions.device)
+    before = (entropy(s.probs) * probes).sum(1)  # [B]
+    embeds, soft = s.model.embed(s.tokens), soft_embeddings(s)  # [B, L, D], [B, L, D]
+    drops = torch.zeros(positions.shape, device=positions.device)  # [B, K]
+    for k in range(positions.shape[1]):
+        pos = positions[:, k]  # [B]
+        trial = embeds.clone()  # [B, L, D]
+        trial[rows, pos] = soft[rows, pos]
+        with torch.no_grad():
+            logits = s.model.forward_embeds(trial).float()  # [B, L, V]
+        logits[..., s.model.mask_id] = -math.inf
+        drops[:, k] = before - (entropy(logits.softmax(-1)) * probes).sum(1)
+    return drops.masked_fill(~valid, 0.0)  # [B, K]
+
+
+TIS_PAIRS = (("tis", "soft"), ("soft", "hard"), ("tis", "hard"), ("tis", "masked"))
+
+
 def tis_fidelity(model, prompts, steps, cfg):
-    """How well TIS ranks BoE's candidates against the exact one-step entropy drop: the mean Spearman
-    correlation over (row, step) pairs with at least 3 candidates, and how often both pick the same
-    top candidate. The exact costs use the future-only form, the quantity TIS approximates."""
+    """How well TIS ranks BoE's candidates, over (row, step) pairs with probes and at least 3
+    candidates: the mean Spearman correlation of two rankings, and how often their top choices agree.
+    The exact references cost one forward per candidate each:
+      soft    drop of the probes' entropy when the candidate alone takes its soft embedding: the very
+              quantity TIS expands to first order, so TIS vs soft measures the linearisation error
+      hard    drop of the probes' entropy when the candidate is revealed (argmax): soft vs hard
+              measures the error of relaxing a reveal into embedding space
+      masked  drop of the entropy of every other masked position on a reveal, what the exact
+              lookahead ranks by: TIS vs masked is the error of the whole approximation"""
     exact_cfg = replace(cfg, lookahead_own_entropy=False)
-    correlations, agreements = [], []
+    results = {pair: ([], []) for pair in TIS_PAIRS}  # pair -> (correlations, agreements)
 
     def rank(x):
-        return x.argsort(-1).argsort(-1).float()  # [B, K]
+        return x.argsort(-1).argsort(-1).float()  # [k]
 
     def score_and_compare(s):
-        candidates, tis = boe_candidates_and_tis(s)  # [B, L]
+        candidates, probes, tis = boe_candidates_and_tis(s)  # [B, L] each
         positions, valid = top_masked(candidates.float(), candidates, candidates.sum(1))  # [B, K]
-        drop = -lookahead_costs(replace(s, cfg=exact_cfg), positions, valid)  # [B, K]
-        influence = tis.gather(1, positions)  # [B, K]
+        valid &= probes.any(1, keepdim=True)  # [B, K] without probes there is no TIS to judge
+        exact_s = replace(s, cfg=exact_cfg)
+        scores = dict(tis=tis.gather(1, positions), soft=soft_reveal_drops(s, positions, valid, probes),
+                      hard=-lookahead_costs(exact_s, positions, valid, probes),
+                      masked=-lookahead_costs(exact_s, positions, valid))  # name -> [B, K]
         for row in torch.nonzero(valid.sum(1) >= 3).flatten().tolist():
-            a, b = rank(influence[row, valid[row]]), rank(drop[row, valid[row]])  # [k], [k]
-            a, b = a - a.mean(), b - b.mean()
-            correlations.append(((a * b).sum() / (a.norm() * b.norm())).item())
-            agreements.append(bool(influence[row, valid[row]].argmax() == drop[row, valid[row]].argmax()))
+            for pair in TIS_PAIRS:
+                a, b = (scores[name][row, valid[row]] for name in pair)  # [k], [k]
+                ra, rb = rank(a) - rank(a).mean(), rank(b) - rank(b).mean()  # [k], [k]
+                results[pair][0].append(((ra * rb).sum() / (ra.norm() * rb.norm())).item())
+                results[pair][1].append(bool(a.argmax() == b.argmax()))
         return score_boe(s)
 
     generate(model, prompts, steps, score_and_compare, cfg)
-    n = max(len(correlations), 1)
-    return dict(steps=steps, spearman=sum(correlations) / n, top1_agreement=sum(agreements) / n,
-                decisions=len(correlations))
+    summary = dict(steps=steps, decisions=len(results[TIS_PAIRS[0]][0]))
+    for pair, (correlations, agreements) in results.items():
+        n = max(len(correlations), 1)
+        summary[pair] = (sum(correlations) / n, sum(agreements) / n)
+    return summary
 
 
 def ablations(cfg):
@@ -637,7 +687,7 @@ def ablations(cfg):
         ("boe (r=4)", "boe", replace(cfg, candidates=4)),
         ("boe (all candidates)", "boe", replace(cfg, candidates=0)),
         ("boe (dense backward)", "boe", replace(cfg, sparse_backward=False)),
-    ] + [(f"boe (rho={r})", "boe", replace(cfg, rho=eval(r))) for r in ("1/8", "1/4", "1/2")]
+    ] + [(f"boe (rho=1/{n})", "boe", replace(cfg, rho=1 / n)) for n in (8, 4, 2)]
 
 
 def tune(model, instances, steps_list, cfg):
@@ -676,7 +726,7 @@ def show_trajectories(model, instance, steps, cfg, seed):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--instances", type=int, default=1000, help="held-out instances per row")
+    parser.add_argument("--instances", type=int, default=1000, help="evaluation instances per row")
     parser.add_argument("--eval-seed", type=int, default=1, help="seed of the evaluation instances "
                         "(BoE's knobs were tuned on seed 0; --tune uses seed 0)")
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 3, 5, 9], help="step budgets")
@@ -708,7 +758,7 @@ def main():
     configs = [(order, order, cfg) for order in ORDER_RULES] + (ablations(cfg) if args.full else [])
     rows = [evaluate(model, prompts, label, order, steps, run_cfg, bwd_cost[run_cfg.sparse_backward])
             for steps in args.steps for label, order, run_cfg in configs]
-    print(f"\n{args.instances} held-out instances (seed {args.eval_seed}); fwd-equiv = forwards + "
+    print(f"\n{args.instances} evaluation instances (seed {args.eval_seed}); fwd-equiv = forwards + "
           f"backwards x measured backward cost, per instance")
     print(f"{'order':<26}{'steps':>6}{'accuracy':>10}{'95% interval':>17}{'fwd-equiv':>11}{'wall s':>8}")
     for row in rows:
@@ -716,12 +766,13 @@ def main():
         print(f"{row['order']:<26}{row['steps']:>6}{row['accuracy']:>10.3f}   [{low:.3f}, {high:.3f}]"
               f"{row['fwd_equiv']:>11.1f}{row['wall_s']:>8.2f}")
     fidelity_prompts = prompts[:250]  # the exact costs need one forward per candidate: a subset
-    print(f"\nTIS against the exact one-step entropy drop, over BoE's candidates "
-          f"({len(fidelity_prompts)} instances):")
+    print(f"\nHow TIS ranks BoE's candidates against exact one-step drops ({len(fidelity_prompts)} "
+          f"instances; see tis_fidelity): mean Spearman, how often the top choices agree")
+    print(f"{'steps':>6}{'decisions':>10}" + "".join(f"{a + ' vs ' + b:>17}" for a, b in TIS_PAIRS))
     for steps in args.steps:
         fid = tis_fidelity(model, fidelity_prompts, steps, cfg)
-        print(f"  steps {steps}: mean Spearman {fid['spearman']:+.3f}, same top choice "
-              f"{fid['top1_agreement']:.1%} ({fid['decisions']} decisions)")
+        print(f"{steps:>6}{fid['decisions']:>10}"
+              + "".join(f"{fid[pair][0]:+10.2f} {fid[pair][1]:5.0%}" for pair in TIS_PAIRS))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -263,7 +263,7 @@ def test_main_job_prints_every_order_rule_and_writes_json(tmp_path):
     assert all(set(row) == {"order", "steps", "accuracy", "ci95", "fwd_equiv", "wall_s"} for row in rows)
     for order in boe.ORDER_RULES:
         assert order in result.stdout
-    assert "Spearman" in result.stdout
+    assert "tis vs soft" in result.stdout
     show = subprocess.run(cmd[:2] + ["--show", "0", "--steps", "3", "--cache", str(tmp_path / "m.pt"),
                                      "--train-steps", "30"], capture_output=True, text=True, timeout=300, env=env)
     assert show.returncode == 0 and "step 3:" in show.stdout, show.stderr

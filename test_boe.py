@@ -88,8 +88,11 @@ def test_forward_logits_unchanged_by_active_rows():
 
 
 def test_tis_same_with_triton_and_torch_backends(monkeypatch):
+    # On a CPU the kernels run in Triton's interpreter (conftest.py); on a GPU, compiled.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = random_model(torch.float32)
     embeds, delta, probes = random_tis_inputs(model, seed=9, batch=2)
+    model, embeds, delta, probes = (x.to(device) for x in (model, embeds, delta, probes))
     active = probes.clone()
     active[:, 0] = True
     results = {}

@@ -614,6 +614,7 @@ def evaluate(model, prompts, label, order, steps, cfg, bwd_cost):
                 ci95=wilson_interval(solved, len(prompts)), fwd_equiv=fwd_equiv, wall_s=record["wall_s"])
 
 
+@torch.no_grad()
 def soft_reveal_drops(s, positions, valid, probes):
     """For each candidate alone: the drop of the probes' entropy when its input embedding moves from
     E[MASK] to its soft embedding, measured exactly (one forward per candidate). TIS is the first-order
@@ -626,8 +627,7 @@ def soft_reveal_drops(s, positions, valid, probes):
         pos = positions[:, k]  # [B]
         trial = embeds.clone()  # [B, L, D]
         trial[rows, pos] = soft[rows, pos]
-        with torch.no_grad():
-            logits = s.model.forward_embeds(trial).float()  # [B, L, V]
+        logits = s.model.forward_embeds(trial).float()  # [B, L, V]
         logits[..., s.model.mask_id] = -math.inf
         drops[:, k] = before - (entropy(logits.softmax(-1)) * probes).sum(1)
     return drops.masked_fill(~valid, 0.0)  # [B, K]

@@ -16,6 +16,7 @@ from hypothesis import example, given, strategies as st
 
 import attn_kernel
 from attn_kernel import active_query_attention, reference_attention
+from conftest import WORST_RELATIVE_ERROR
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -170,6 +171,10 @@ def test_matches_float64_reference_and_only_active_rows_carry_gradient(backend, 
     for name, actual, reference, bound in zip(["out", "dq", "dk", "dv"], results, expected, bounds):
         assert torch.isfinite(actual).all(), f"{name} has NaN or inf"
         assert_close(name, actual, reference, bound)
+        if reference.norm() > 0:  # reported at the end of the run (conftest.py)
+            key = (backend, str(problem.dtype).removeprefix("torch."), name)
+            relative = ((actual.double() - reference).norm() / reference.norm()).item()
+            WORST_RELATIVE_ERROR[key] = max(WORST_RELATIVE_ERROR.get(key, 0.0), relative)
 
     out, dq, dk, dv = results
     assert not dq.masked_select(~active[:, None, :, None]).any(), "dq must be exactly zero on inactive rows"

@@ -5,7 +5,11 @@ TRITON_INTERPRET=1 before this module imports attn_kernel), so shapes stay small
 hypothesis profile (HYPOTHESIS_PROFILE=gpu, the default there) also draws long sequences and bfloat16.
 """
 import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
 from typing import Optional
 from unittest import mock
 
@@ -276,3 +280,15 @@ def test_triton_backend_on_cpu_without_interpreter_says_how_to_enable_it(monkeyp
     monkeypatch.setattr(attn_kernel, "INTERPRETED", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         active_query_attention(**_bad_call())
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU bench.py runs the full benchmark; run it by hand there")
+def test_bench_cpu_path_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
+    result = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "No CUDA GPU" in result.stdout and "0 errors, 0 failed checks" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["kernel"] and all(check["ok"] for check in report["checks"])

@@ -256,8 +256,9 @@ class SamplerConfig:
     tau: float = 1.0                # BoE: sharpening temperature of the soft embedding, w ~ p ** (1 / tau)
     gamma: float = 0.0              # BoE: exponent of the confidence gate c ** gamma (0 = no gate)
     lam: float = 1.0                # BoE: weight of the anti-collapse penalty (0 = none)
-    h_max: float = 0.5              # BoE: entropy floor at the first step (nats); decays linearly to 0
-    rho: float = 1.0                # BoE: probes capped to the ceil(rho * L) highest-entropy ones
+    h_max: float = 0.5              # BoE: entropy floor at the first step (nats); decays linearly
+    rho: float = 1.0                # BoE: probes capped to the ceil(rho * L) highest-entropy ones (the
+                                    # active rows are the candidates plus these probes)
     use_tis: bool = True            # BoE ablation: False scores by gate and penalty alone
     sparse_backward: bool = True    # BoE ablation: False runs a dense backward (no active rows)
 
@@ -272,7 +273,7 @@ class Step:
     probs: torch.Tensor      # [B, L, V] predictive distribution, p([MASK]) = 0
     budget: torch.Tensor     # [B] reveals this step
     has_choice: torch.Tensor # [B] bool, budget < masked: rules that cost extra passes skip other rows
-    steps_left: int          # T - t, counting this step
+    steps_left: int          # steps left, counting this one: T at the first step, 1 at the last
     steps: int               # T
     cfg: SamplerConfig
     generators: list         # one torch.Generator per row
@@ -295,9 +296,15 @@ def top_masked(values, masked, count):
     """Per row, the `count[b]` masked positions with the largest values: positions [B, K] and a
     validity mask [B, K] (rows with fewer masked positions get fewer valid entries)."""
     k = int(count.max())
-    positions = values.masked_fill(~masked, -math.inf).topk(k, dim=1).indices  # [B, K]
+    ranked = values.masked_fill(~masked, -math.inf).argsort(dim=1, descending=True, stable=True)  # [B, L]
+    positions = ranked[:, :k]  # [B, K] ties go to the left, as in the decoding loop
     valid = torch.arange(k, device=values.device) < torch.minimum(count, masked.sum(1))[:, None]  # [B, K]
     return positions, valid
+
+
+# Rules that score only some candidates put the other masked positions this far below, in confidence
+# order, so that they are revealed only when the budget exceeds the candidates.
+AFTER_CANDIDATES = 1e4
 
 
 def score_random(s):
@@ -358,8 +365,8 @@ def score_lookahead(s):
     positions, valid = top_masked(score_confidence(s), s.masked, torch.maximum(count, s.budget))
     valid &= s.has_choice[:, None]  # [B, K] a row that reveals every masked position has nothing to search
     costs = lookahead_costs(s, positions, valid)  # [B, K]
-    scores = score_confidence(s) - 1e4  # [B, L] positions outside the candidates come last
-    return scores.scatter(1, positions, torch.where(valid, -costs, -1e4))  # [B, L]
+    scores = score_confidence(s) - AFTER_CANDIDATES  # [B, L] positions outside the candidates come last
+    return scores.scatter(1, positions, torch.where(valid, -costs, -AFTER_CANDIDATES))  # [B, L]
 
 
 def check_generate_args(model, prompts, steps, order, cfg):
@@ -423,25 +430,28 @@ def generate(model, prompts, steps, order="boe", cfg=SamplerConfig(), seed=0):
                  cfg, generators, forwards, backwards)
         rule = order if callable(order) else ORDER_RULES[order]
         with torch.enable_grad():
-            scores = rule(s).masked_fill(~masked, -math.inf)  # [B, L]
-        # Rank positions; a stable sort breaks ties towards the left.
-        ranked = scores.argsort(dim=1, descending=True, stable=True)  # [B, L]
-        reveal = torch.zeros_like(masked).scatter(1, ranked, torch.arange(L, device=device) < s.budget[:, None])
-        reveal &= masked  # [B, L]
-        tokens = torch.where(reveal, commit(probs, cfg.temperature, generators), tokens)  # [B, L]
+            scores = rule(s).float()  # [B, L]
+        # Masked positions rank above all others whatever a rule returns (-inf or NaN included); a
+        # stable sort breaks ties towards the left.
+        scores = scores.nan_to_num(nan=-3e38, neginf=-3e38).masked_fill(~masked, -math.inf)  # [B, L]
+        ranked = scores.argsort(dim=1, descending=True, stable=True)  # [B, L] positions, best first
+        in_budget = torch.arange(L, device=device) < budget[:, None]  # [B, L] rank r -> r < budget
+        reveal = torch.zeros_like(masked).scatter(1, ranked, in_budget)  # [B, L]
+        tokens = torch.where(reveal, commit(logits, cfg.temperature, generators), tokens)  # [B, L]
         reveal_step[reveal] = t
     record = dict(reveal_step=reveal_step, entropy=torch.stack(entropy_trace) if entropy_trace else
                   torch.zeros(0, B), forwards=forwards, backwards=backwards, wall_s=time.time() - start)
     return tokens, record
 
 
-def commit(probs, temperature, generators):
-    """The token each position would take if revealed now: argmax, or a sample at a temperature."""
+def commit(logits, temperature, generators):
+    """The token each position would take if revealed now: argmax, or a sample at a temperature.
+    `logits` has the [MASK] column at -inf, so [MASK] is never committed."""
     if temperature == 0:
-        return probs.argmax(-1)  # [B, L]
-    sharpened = probs.clamp_min(1e-30).log().div(temperature).softmax(-1).cpu()  # [B, L, V]
+        return logits.argmax(-1)  # [B, L]
+    sharpened = (logits / temperature).softmax(-1).cpu()  # [B, L, V]
     return torch.stack([torch.multinomial(row, 1, generator=g)[:, 0]
-                        for row, g in zip(sharpened, generators)]).to(probs.device)  # [B, L]
+                        for row, g in zip(sharpened, generators)]).to(logits.device)  # [B, L]
 
 
 # -----------------------------------------------------------------------------
@@ -529,18 +539,23 @@ def boe_candidates_and_tis(s):
     delta = (soft - table[model.mask_id]) * candidates[..., None]  # [B, L, D]
     active = (candidates | probes) if cfg.sparse_backward else None  # [B, L]
     tis = token_influence(model.forward_embeds, surrogate, delta, probes, model.mask_id, active)  # [B, L]
-    s.forwards += s.has_choice  # the surrogate runs on the whole batch; rows without a choice
-    s.backwards += s.has_choice  # would skip it if run alone, so they are not charged
+    # The surrogate runs on the whole batch; a row without a choice or without probes would skip
+    # it if run alone, so only the others are charged.
+    charged = s.has_choice & probes.any(1)  # [B]
+    s.forwards += charged
+    s.backwards += charged
     return candidates, probes, tis * candidates
 
 
 def score_boe(s):
-    """BoE step 7: s_i = gate(c_i) * normalise(TIS_i) - lambda * [h_t - H_i]_+^2 on the candidates.
+    """The BoE rule: s_i = gate(c_i) * normalise(TIS_i) - lambda * [h_t - H_i]_+^2 on the candidates.
 
     gate = c ** gamma keeps low-confidence tokens from being revealed on TIS alone [ours]; TIS is
     min-max normalised over each row's candidates [ours]. The penalty is the paper's anti-collapse
-    regulariser: its floor h_t = h_max * t / T decays to 0, so early steps avoid spending reveals on
-    tokens that are already nearly certain."""
+    regulariser: its floor h_t = h_max * t / T (t = steps left) decays linearly over the run, so early
+    steps avoid spending reveals on tokens that are already nearly certain. Where a row has no probes
+    (r covers every masked position) there is no TIS: the score is then the gate minus the penalty,
+    and equal scores go to the leftmost positions."""
     cfg = s.cfg
     confidence, own_entropy = score_confidence(s), entropy(s.probs)  # [B, L], [B, L]
     candidates, _, tis = boe_candidates_and_tis(s)  # [B, L], [B, L]
@@ -550,10 +565,10 @@ def score_boe(s):
         influence = (tis - low) / (high - low).clamp_min(1e-12)  # [B, L] in [0, 1]
     else:
         influence = torch.ones_like(tis)  # [B, L]
-    floor = cfg.h_max * s.steps_left / s.steps
+    floor = cfg.h_max * s.steps_left / s.steps  # h_t = h_max * t / T with t = steps_left
     penalty = cfg.lam * (floor - own_entropy).clamp_min(0) ** 2  # [B, L]
     scores = confidence ** cfg.gamma * influence - penalty  # [B, L]
-    return torch.where(candidates, scores, confidence - 1e4)  # [B, L] non-candidates come last
+    return torch.where(candidates, scores, confidence - AFTER_CANDIDATES)  # [B, L] others come last
 
 
 ORDER_RULES = {
@@ -615,38 +630,45 @@ def evaluate(model, prompts, label, order, steps, cfg, bwd_cost):
 
 
 @torch.no_grad()
-def soft_reveal_drops(s, positions, valid, probes):
-    """For each candidate alone: the drop of the probes' entropy when its input embedding moves from
-    E[MASK] to its soft embedding, measured exactly (one forward per candidate). TIS is the first-order
-    estimate of this drop (taken at the surrogate state, where all candidates are soft at once)."""
+def soft_reveal_drops(s, context, positions, valid, probes):
+    """For each candidate i (two forwards each): the drop of the probes' entropy when e_i moves from
+    E[MASK] to its soft embedding e~_i, every other position keeping its embedding in `context`
+    [B, L, D]. With context = the surrogate state, TIS is the first-order estimate of this drop."""
     rows = torch.arange(len(positions), device=positions.device)
-    before = (entropy(s.probs) * probes).sum(1)  # [B]
-    embeds, soft = s.model.embed(s.tokens), soft_embeddings(s)  # [B, L, D], [B, L, D]
+    soft = soft_embeddings(s)  # [B, L, D]
+    mask_embedding = s.model.token_embedding.weight[s.model.mask_id]  # [D]
+
+    def probe_entropy(embeds):
+        logits = s.model.forward_embeds(embeds).float()  # [B, L, V]
+        logits[..., s.model.mask_id] = -math.inf
+        return (entropy(logits.softmax(-1)) * probes).sum(1)  # [B]
+
     drops = torch.zeros(positions.shape, device=positions.device)  # [B, K]
     for k in range(positions.shape[1]):
         pos = positions[:, k]  # [B]
-        trial = embeds.clone()  # [B, L, D]
-        trial[rows, pos] = soft[rows, pos]
-        logits = s.model.forward_embeds(trial).float()  # [B, L, V]
-        logits[..., s.model.mask_id] = -math.inf
-        drops[:, k] = before - (entropy(logits.softmax(-1)) * probes).sum(1)
+        masked_i, soft_i = context.clone(), context.clone()  # [B, L, D] each
+        masked_i[rows, pos] = mask_embedding
+        soft_i[rows, pos] = soft[rows, pos]
+        drops[:, k] = probe_entropy(masked_i) - probe_entropy(soft_i)
     return drops.masked_fill(~valid, 0.0)  # [B, K]
 
 
-TIS_PAIRS = (("tis", "soft"), ("soft", "hard"), ("tis", "hard"), ("tis", "masked"))
+TIS_PAIRS = (("tis", "surrogate"), ("surrogate", "alone"), ("alone", "hard"), ("tis", "masked"))
 
 
 def tis_fidelity(model, prompts, steps, cfg):
     """How well TIS ranks BoE's candidates, over (row, step) pairs with probes and at least 3
     candidates: the mean Spearman correlation of two rankings, and how often their top choices agree.
-    The exact references cost one forward per candidate each:
-      soft    drop of the probes' entropy when the candidate alone takes its soft embedding: the very
-              quantity TIS expands to first order, so TIS vs soft measures the linearisation error
-      hard    drop of the probes' entropy when the candidate is revealed (argmax): soft vs hard
-              measures the error of relaxing a reveal into embedding space
-      masked  drop of the entropy of every other masked position on a reveal, what the exact
-              lookahead ranks by: TIS vs masked is the error of the whole approximation"""
-    exact_cfg = replace(cfg, lookahead_own_entropy=False)
+    The exact references, each measured with one or two forwards per candidate:
+      surrogate  drop of the probes' entropy when candidate i goes from E[MASK] to its soft embedding,
+                 the other candidates soft: exactly what TIS expands to first order, so TIS vs
+                 surrogate is the error of the expansion (and of the active-row backward)
+      alone      the same drop with the other candidates masked, as in x_t: surrogate vs alone is the
+                 effect of softening every candidate at once
+      hard       drop of the probes' entropy when candidate i is revealed (argmax) in x_t: alone vs
+                 hard is the error of relaxing a reveal into embedding space
+      masked     what the exact lookahead ranks by, H_i + the entropy left on the other masked
+                 positions: TIS vs masked is the error of the whole approximation"""
     results = {pair: ([], []) for pair in TIS_PAIRS}  # pair -> (correlations, agreements)
 
     def rank(x):
@@ -656,10 +678,16 @@ def tis_fidelity(model, prompts, steps, cfg):
         candidates, probes, tis = boe_candidates_and_tis(s)  # [B, L] each
         positions, valid = top_masked(candidates.float(), candidates, candidates.sum(1))  # [B, K]
         valid &= probes.any(1, keepdim=True)  # [B, K] without probes there is no TIS to judge
-        exact_s = replace(s, cfg=exact_cfg)
-        scores = dict(tis=tis.gather(1, positions), soft=soft_reveal_drops(s, positions, valid, probes),
-                      hard=-lookahead_costs(exact_s, positions, valid, probes),
-                      masked=-lookahead_costs(exact_s, positions, valid))  # name -> [B, K]
+        hard_context = s.model.embed(s.tokens)  # [B, L, D]
+        surrogate = torch.where(candidates[..., None], soft_embeddings(s), hard_context)  # [B, L, D]
+        future_only = replace(s, cfg=replace(s.cfg, lookahead_own_entropy=False))
+        information_gain = replace(s, cfg=replace(s.cfg, lookahead_own_entropy=True))
+        scores = dict(  # name -> [B, K], larger = better candidate
+            tis=tis.gather(1, positions),
+            surrogate=soft_reveal_drops(s, surrogate, positions, valid, probes),
+            alone=soft_reveal_drops(s, hard_context, positions, valid, probes),
+            hard=-lookahead_costs(future_only, positions, valid, probes),
+            masked=-lookahead_costs(information_gain, positions, valid))
         for row in torch.nonzero(valid.sum(1) >= 3).flatten().tolist():
             for pair in TIS_PAIRS:
                 a, b = (scores[name][row, valid[row]] for name in pair)  # [k], [k]
@@ -768,11 +796,11 @@ def main():
     fidelity_prompts = prompts[:250]  # the exact costs need one forward per candidate: a subset
     print(f"\nHow TIS ranks BoE's candidates against exact one-step drops ({len(fidelity_prompts)} "
           f"instances; see tis_fidelity): mean Spearman, how often the top choices agree")
-    print(f"{'steps':>6}{'decisions':>10}" + "".join(f"{a + ' vs ' + b:>17}" for a, b in TIS_PAIRS))
+    print(f"{'steps':>6}{'decisions':>10}" + "".join(f"{a + ' vs ' + b:>20}" for a, b in TIS_PAIRS))
     for steps in args.steps:
         fid = tis_fidelity(model, fidelity_prompts, steps, cfg)
         print(f"{steps:>6}{fid['decisions']:>10}"
-              + "".join(f"{fid[pair][0]:+10.2f} {fid[pair][1]:5.0%}" for pair in TIS_PAIRS))
+              + "".join(f"{fid[pair][0]:+13.2f} {fid[pair][1]:5.0%}" for pair in TIS_PAIRS))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

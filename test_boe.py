@@ -1,5 +1,6 @@
 """Tests for boe.py: TIS against finite differences, the sparse adjoint against its dense reference,
 sampler invariants for every order rule, and clear errors on bad input."""
+import dataclasses
 import json
 import math
 import os
@@ -107,6 +108,15 @@ def test_tis_same_with_triton_and_torch_backends(monkeypatch):
 # Samplers
 
 ALL_ORDERS = list(boe.ORDER_RULES)
+# Every order rule with its default settings, and BoE in the regimes the defaults do not reach on
+# these prompts (with r = 8 and at most 8 masked positions there are never probes): a few candidates
+# and probes, probes capped by rho, every masked position a candidate and a probe.
+RULES = [(order, boe.SamplerConfig()) for order in ALL_ORDERS] + [
+    ("boe", boe.SamplerConfig(candidates=2)),
+    ("boe", boe.SamplerConfig(candidates=2, rho=0.1)),
+    ("boe", boe.SamplerConfig(candidates=0)),
+]
+RULE_IDS = ALL_ORDERS + ["boe-r2", "boe-r2-rho0.1", "boe-all"]
 
 
 def partly_masked_prompts(n=6, seed=3):
@@ -117,12 +127,12 @@ def partly_masked_prompts(n=6, seed=3):
     return torch.where(given, answers, prompts)  # [n, L]
 
 
-@pytest.mark.parametrize("order", ALL_ORDERS)
+@pytest.mark.parametrize("order, cfg", RULES, ids=RULE_IDS)
 @pytest.mark.parametrize("steps", [1, 3, 20])
-def test_sampler_keeps_prompt_reveals_each_mask_once_and_follows_schedule(order, steps):
+def test_sampler_keeps_prompt_reveals_each_mask_once_and_follows_schedule(order, cfg, steps):
     model = random_model()
     prompts = partly_masked_prompts()
-    tokens, record = boe.generate(model, prompts, steps, order)
+    tokens, record = boe.generate(model, prompts, steps, order, cfg)
     masked = prompts == boe.MASK  # [n, L]
     assert torch.equal(tokens[~masked], prompts[~masked]), "prompt tokens changed"
     assert not (tokens == boe.MASK).any(), "a [MASK] was left or committed"
@@ -136,18 +146,27 @@ def test_sampler_keeps_prompt_reveals_each_mask_once_and_follows_schedule(order,
             left -= expected
 
 
-@pytest.mark.parametrize("order", ALL_ORDERS)
+@pytest.mark.parametrize("order, cfg", RULES, ids=RULE_IDS)
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_batch_equals_rows_alone_and_seed_repeats(order, temperature):
+def test_batch_equals_rows_alone_and_seed_repeats(order, cfg, temperature):
     model = random_model(torch.float64)  # float64: batched and single matmuls agree to the last bit that matters
     prompts = partly_masked_prompts()
-    cfg = boe.SamplerConfig(temperature=temperature)
-    tokens, _ = boe.generate(model, prompts, 3, order, cfg, seed=11)
+    cfg = dataclasses.replace(cfg, temperature=temperature)
+    tokens, record = boe.generate(model, prompts, 3, order, cfg, seed=11)
     again, _ = boe.generate(model, prompts, 3, order, cfg, seed=11)
     assert torch.equal(tokens, again)
     for row in range(len(prompts)):
-        alone, _ = boe.generate(model, prompts[row : row + 1], 3, order, cfg, seed=11 + row)
+        alone, alone_record = boe.generate(model, prompts[row : row + 1], 3, order, cfg, seed=11 + row)
         assert torch.equal(alone[0], tokens[row]), f"row {row} differs alone"
+        for count in ("forwards", "backwards"):
+            assert alone_record[count][0] == record[count][row], f"row {row} is charged differently alone"
+
+
+def test_sampling_at_high_temperature_never_commits_mask():
+    model = random_model()
+    prompts, _ = boe.make_instances(50, 0)
+    tokens, _ = boe.generate(model, prompts, 3, "confidence", boe.SamplerConfig(temperature=50.0))
+    assert not (tokens == boe.MASK).any()
 
 
 def test_forward_and_backward_counts_are_as_documented():
@@ -266,7 +285,7 @@ def test_main_job_prints_every_order_rule_and_writes_json(tmp_path):
     assert all(set(row) == {"order", "steps", "accuracy", "ci95", "fwd_equiv", "wall_s"} for row in rows)
     for order in boe.ORDER_RULES:
         assert order in result.stdout
-    assert "tis vs soft" in result.stdout
+    assert "tis vs surrogate" in result.stdout
     show = subprocess.run(cmd[:2] + ["--show", "0", "--steps", "3", "--cache", str(tmp_path / "m.pt"),
                                      "--train-steps", "30"], capture_output=True, text=True, timeout=300, env=env)
     assert show.returncode == 0 and "step 3:" in show.stdout, show.stderr

@@ -192,24 +192,31 @@ def kernel_sweep(impls, candidate, reference, shapes, fractions, device, dtype, 
     print(f"times in ms; TF = TFLOP/s of the FLOPs above; bwd x = {dense[0]} bwd time / bwd time, ideal L/|A|")
     print("".join(f"{title:>{width}}" for _, title, width, _ in COLUMNS))
     rows, checks = [], []
-    for batch, heads, seq_len, head_dim in shapes:
-        q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype,
-                               requires_grad=True) for _ in range(3))  # [B, H, L, D] each
-        dout = torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype)  # [B, H, L, D]
-        label = f"{candidate} L={seq_len} D={head_dim}"
-        checks.append(attempt(f"{label} forward check", lambda: check_forward(
-            impls[candidate][0], impls[dense[0]][0], q, k, v, label)))
-        everything = torch.ones(batch, seq_len, dtype=torch.bool, device=device)  # [B, L]
-        base, *others = [measure(name, impls[name][0], q, k, v, dout, everything, "dense", timer)
-                         for name in dense]
-        rows += [finish_row(row, base) for row in (base, *others)]
-        for rho in fractions:
-            active = random_active(batch, seq_len, float(Fraction(rho)), device)  # [B, L]
-            checks.append(attempt(f"{label} rho={rho} gradient check", lambda: check_gradients(
-                impls[candidate][0], impls[reference][0], q, k, v, dout, active, f"{label} rho={rho}")))
-            rows += [finish_row(measure(name, attn, q, k, v, dout, active, rho, timer), base)
-                     for name, (attn, sparse) in impls.items() if sparse]
+    for shape in shapes:  # a failure (a CUDA error, say) loses that shape's rows, not the run's
+        attempt(f"B, H, L, D = {shape}", lambda: sweep_shape(
+            impls, candidate, dense, reference, shape, fractions, device, dtype, timer, rows, checks))
     return rows, [c for c in checks if c is not None]
+
+
+def sweep_shape(impls, candidate, dense, reference, shape, fractions, device, dtype, timer, rows, checks):
+    """One (B, H, L, D): appends its check results to `checks` and its timing rows to `rows`."""
+    batch, heads, seq_len, head_dim = shape
+    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype,
+                           requires_grad=True) for _ in range(3))  # [B, H, L, D] each
+    dout = torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype)  # [B, H, L, D]
+    label = f"{candidate} L={seq_len} D={head_dim}"
+    checks.append(attempt(f"{label} forward check", lambda: check_forward(
+        impls[candidate][0], impls[dense[0]][0], q, k, v, label)))
+    everything = torch.ones(batch, seq_len, dtype=torch.bool, device=device)  # [B, L]
+    base, *others = [measure(name, impls[name][0], q, k, v, dout, everything, "dense", timer)
+                     for name in dense]
+    rows += [finish_row(row, base) for row in (base, *others)]
+    for rho in fractions:
+        active = random_active(batch, seq_len, float(Fraction(rho)), device)  # [B, L]
+        checks.append(attempt(f"{label} rho={rho} gradient check", lambda: check_gradients(
+            impls[candidate][0], impls[reference][0], q, k, v, dout, active, f"{label} rho={rho}")))
+        rows += [finish_row(measure(name, attn, q, k, v, dout, active, rho, timer), base)
+                 for name, (attn, sparse) in impls.items() if sparse]
 
 
 def boe_steps(device, dtype, timer):
@@ -299,17 +306,28 @@ def print_summary(rows, seq_lens, head_dims, fractions):
                 print(f"{impl:<8}{seq_len:>6}{head_dim:>5}" + "".join(f"{c:>14}" for c in cells) + f"{ratio:>7}")
 
 
-def goals(rows, boe_rows):
-    """(goal, measured, target, met) for the benchmark targets; measured None where not run."""
+def goals(rows, boe_rows, checks):
+    """(goal, measured, target, met) for the benchmark targets; measured is None where a size was not
+    run, or where the Triton path failed its correctness check there (a fast wrong kernel meets nothing)."""
+    passed = {(c["check"], c["what"]) for c in checks if c["ok"]}
+
+    def checked(head_dim, rho=None):
+        label = f"triton L=4096 D={head_dim}"
+        return ("forward", label) in passed and (rho is None or ("gradients", f"{label} rho={rho}") in passed)
+
     def speedup(head_dim, rho):
         row = find(rows, impl="triton", L=4096, D=head_dim, rho=rho)
-        return row and row.get("bwd_speedup")
+        return row.get("bwd_speedup") if row and checked(head_dim, rho) else None
+
+    def forward(head_dim):
+        return forward_ratio(rows, "triton", 4096, head_dim) if checked(head_dim) else None
+
     boe_ratio = boe_rows[1]["x_confidence"] if len(boe_rows) > 1 else None
     table = [("triton bwd speed-up, L=4096 D=64 rho=1/4 (ideal 4x)", speedup(64, "1/4"), 3.0, True),
              ("triton bwd speed-up, L=4096 D=128 rho=1/4 (ideal 4x)", speedup(128, "1/4"), 2.5, True),
              ("triton bwd speed-up, L=4096 D=64 rho=1/16 (ideal 16x)", speedup(64, "1/16"), 8.0, True),
-             ("triton fwd / flash fwd, L=4096 D=64", forward_ratio(rows, "triton", 4096, 64), 1.2, False),
-             ("triton fwd / flash fwd, L=4096 D=128", forward_ratio(rows, "triton", 4096, 128), 1.2, False),
+             ("triton fwd / flash fwd, L=4096 D=64", forward(64), 1.2, False),
+             ("triton fwd / flash fwd, L=4096 D=128", forward(128), 1.2, False),
              ("BoE step (Triton) / confidence step", boe_ratio, 2.5, False)]
     return [dict(goal=g, measured=m, target=t, met=None if m is None else (m >= t if up else m <= t),
                  direction=">=" if up else "<=") for g, m, t, up in table]
@@ -348,22 +366,25 @@ def main():
     torch.manual_seed(0)
     start = time.time()
     timer = gpu_median_ms if gpu else cpu_median_ms
-    rows, checks = kernel_sweep(*implementations(gpu), shapes, fractions, device, dtype, timer)
-    boe_rows = (attempt("BoE step", lambda: boe_steps(device, dtype, timer)) or []) if gpu else []
-    print_summary(rows, seq_lens, head_dims, fractions)
-    results.update(kernel=rows, checks=checks, boe_step=boe_rows)
-    if gpu:
-        results["goals"] = goals(rows, boe_rows)
-        print(f"\n{'goal':<56}{'measured':>9}{'target':>10}")
-        for g in results["goals"]:
-            status = "not measured" if g["met"] is None else "met" if g["met"] else "NOT met"
-            print(f"{g['goal']:<56}{fmt(g['measured'], '.2f'):>9}{g['direction']:>6}{g['target']:>4}  {status}")
-    failed = [c["what"] for c in checks if not c["ok"]]
-    print(f"\n{len(ERRORS)} errors, {len(failed)} failed checks{': ' + ', '.join(failed) if failed else ''}; "
-          f"{time.time() - start:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(results, errors=ERRORS, seconds=time.time() - start), f, indent=1)
+    try:
+        rows, checks = kernel_sweep(*implementations(gpu), shapes, fractions, device, dtype, timer)
+        results.update(kernel=rows, checks=checks)
+        boe_rows = (attempt("BoE step", lambda: boe_steps(device, dtype, timer)) or []) if gpu else []
+        results.update(boe_step=boe_rows)
+        print_summary(rows, seq_lens, head_dims, fractions)
+        if gpu:
+            results["goals"] = goals(rows, boe_rows, checks)
+            print(f"\n{'goal':<56}{'measured':>9}{'target':>10}")
+            for g in results["goals"]:
+                status = "not measured or check failed" if g["met"] is None else "met" if g["met"] else "NOT met"
+                print(f"{g['goal']:<56}{fmt(g['measured'], '.2f'):>9}{g['direction']:>6}{g['target']:>4}  {status}")
+        failed = [c["what"] for c in checks if not c["ok"]]
+        print(f"\n{len(ERRORS)} errors, {len(failed)} failed checks{': ' + ', '.join(failed) if failed else ''}; "
+              f"{time.time() - start:.0f} s")
+    finally:  # whatever was measured is kept, even if the run breaks off
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(results, errors=ERRORS, seconds=time.time() - start), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ On one CUDA GPU it measures:
      peak memory of each (torch.cuda.max_memory_allocated, reset before each).
 
 Timing: every number is the median of triton.testing.do_bench (CUDA events, after warm-up, L2
-flushed before each run). "fwd" runs with inputs that require grad (the forward a backward follows);
+flushed before each run). Its budget is 100 ms per measurement, so at L >= 8192 a median holds only
+a few runs; at L = 1024 and small rho the sparse backward is bound by launches and host work, well
+short of its ideal L/|A|. The BoE-step times are end to end, host work included. "fwd" runs with inputs that require grad (the forward a backward follows);
 "bwd" calls torch.autograd.grad(out, (q, k, v), dOut, retain_graph=True) repeatedly on one saved
 graph, which isolates the backward better than subtracting two noisy times; "both" is a fresh
 forward + backward.

@@ -556,9 +556,14 @@ def score_boe(s):
     steps avoid spending reveals on tokens that are already nearly certain. Where a row has no probes
     (r covers every masked position) there is no TIS: the score is then the gate minus the penalty,
     and equal scores go to the leftmost positions."""
+    candidates, _, tis = boe_candidates_and_tis(s)  # [B, L], [B, L]
+    return boe_scores(s, candidates, tis)
+
+
+def boe_scores(s, candidates, tis):
+    """score_boe's formula, given the candidates and their TIS."""
     cfg = s.cfg
     confidence, own_entropy = score_confidence(s), entropy(s.probs)  # [B, L], [B, L]
-    candidates, _, tis = boe_candidates_and_tis(s)  # [B, L], [B, L]
     if cfg.use_tis:
         low = tis.masked_fill(~candidates, math.inf).min(1, keepdim=True).values  # [B, 1]
         high = tis.masked_fill(~candidates, -math.inf).max(1, keepdim=True).values  # [B, 1]
@@ -694,7 +699,7 @@ def tis_fidelity(model, prompts, steps, cfg):
                 ra, rb = rank(a) - rank(a).mean(), rank(b) - rank(b).mean()  # [k], [k]
                 results[pair][0].append(((ra * rb).sum() / (ra.norm() * rb.norm())).item())
                 results[pair][1].append(bool(a.argmax() == b.argmax()))
-        return score_boe(s)
+        return boe_scores(s, candidates, tis)
 
     generate(model, prompts, steps, score_and_compare, cfg)
     summary = dict(steps=steps, decisions=len(results[TIS_PAIRS[0]][0]))

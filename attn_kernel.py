@@ -35,12 +35,16 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+MAX_GRID_AXIS = 65535  # CUDA's limit on grid axes 1 and 2, which carry H and B
 _LOG2E = 1.4426950408889634  # the kernels use exp2/log2, so logits are scaled by log2(e)
 
 # --------------------------------------------------------------------------------------------------
-# Triton kernels. Every [B, H, L, D] tensor is addressed through (batch, head, row) strides with unit
-# stride along D; out, dOut, dQ, dK and dV are contiguous. Accumulators and statistics are fp32, dot
-# operands keep the input dtype. The log-sum-exp is stored in base 2: lse2 = log2(sum_n exp2(s_n)).
+# Triton kernels. Each program works on one (batch, head): grid axes 1 and 2 are the head h and the
+# batch b, since CUDA caps those axes at 65535 and one axis of B*H would overflow first. bh = b * H + h
+# is an int64, so offsets past 2^31 elements stay exact. Every [B, H, L, D] tensor is addressed through
+# (batch, head, row) strides with unit stride along D; out, dOut, dQ, dK and dV are contiguous.
+# Accumulators and statistics are fp32, dot operands keep the input dtype. The log-sum-exp is stored
+# in base 2: lse2 = log2(sum_n exp2(s_n)).
 # --------------------------------------------------------------------------------------------------
 
 
@@ -66,9 +70,9 @@ def _attention_forward_kernel(
 ):
     """One block of BLOCK_M query rows of one (batch, head): online softmax over all key blocks."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = bh % num_heads
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * num_heads + h
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -97,9 +101,9 @@ def _attention_forward_kernel(
         row_max = new_max
 
     out = acc / row_sum[:, None]
-    _store_rows(Out + bh.to(tl.int64) * seq_len * HEAD_DIM, rows, row_valid, HEAD_DIM,
+    _store_rows(Out + bh * seq_len * HEAD_DIM, rows, row_valid, HEAD_DIM,
                 out.to(Out.dtype.element_ty), HEAD_DIM)
-    tl.store(Lse + bh.to(tl.int64) * seq_len + rows, row_max + tl.log2(row_sum), mask=row_valid)
+    tl.store(Lse + bh * seq_len + rows, row_max + tl.log2(row_sum), mask=row_valid)
 
 
 @triton.jit
@@ -110,18 +114,19 @@ def _backward_preprocess_kernel(
 ):
     """Delta for BLOCK_M consecutive slots of the active-row list, stored compactly by slot."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * num_heads + h
     n_active = tl.load(ActiveCounts + b)
     if pid_m * BLOCK_M >= n_active:  # the grid covers L slots; only the first n_active are used
         return
     slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slot_valid = slots < n_active
     rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_valid, other=0)
-    bh_offset = bh.to(tl.int64) * seq_len * HEAD_DIM
+    bh_offset = bh * seq_len * HEAD_DIM
     out = _load_rows(Out + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM).to(tl.float32)
     dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM).to(tl.float32)
-    tl.store(Delta + bh.to(tl.int64) * seq_len + slots, tl.sum(out * dout, 1), mask=slot_valid)
+    tl.store(Delta + bh * seq_len + slots, tl.sum(out * dout, 1), mask=slot_valid)
 
 
 @triton.jit
@@ -136,13 +141,13 @@ def _backward_dkdv_kernel(
     Works in the transposed orientation (keys x rows) so that P^T and dS^T come out of the dots directly.
     """
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = bh % num_heads
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * num_heads + h
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    bh_offset = bh.to(tl.int64) * seq_len * HEAD_DIM
+    bh_offset = bh * seq_len * HEAD_DIM
 
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     key_valid = keys < seq_len
@@ -158,8 +163,8 @@ def _backward_dkdv_kernel(
         rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_valid, other=0)  # [BLOCK_M]
         q = _load_rows(q_base, rows, slot_valid, stride_ql, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
         dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
-        lse = tl.load(Lse + bh.to(tl.int64) * seq_len + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
-        delta = tl.load(Delta + bh.to(tl.int64) * seq_len + slots, mask=slot_valid, other=0.0)
+        lse = tl.load(Lse + bh * seq_len + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
+        delta = tl.load(Delta + bh * seq_len + slots, mask=slot_valid, other=0.0)
 
         logits_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
         # Padded keys and padded slots must contribute nothing: their logits are not meaningful.
@@ -182,24 +187,24 @@ def _backward_dq_kernel(
 ):
     """dQ of BLOCK_M gathered active rows, resident while all key blocks stream by."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = bh % num_heads
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * num_heads + h
     n_active = tl.load(ActiveCounts + b)
     if pid_m * BLOCK_M >= n_active:
         return
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    bh_offset = bh.to(tl.int64) * seq_len * HEAD_DIM
+    bh_offset = bh * seq_len * HEAD_DIM
 
     slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slot_valid = slots < n_active
     rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_valid, other=0)  # [BLOCK_M]
     q = _load_rows(q_base, rows, slot_valid, stride_ql, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
     dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
-    lse = tl.load(Lse + bh.to(tl.int64) * seq_len + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
-    delta = tl.load(Delta + bh.to(tl.int64) * seq_len + slots, mask=slot_valid, other=0.0)  # [BLOCK_M]
+    lse = tl.load(Lse + bh * seq_len + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
+    delta = tl.load(Delta + bh * seq_len + slots, mask=slot_valid, other=0.0)  # [BLOCK_M]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     for start_n in range(0, seq_len, BLOCK_N):
@@ -254,7 +259,7 @@ def _triton_forward(q, k, v, scale, block_m, block_n):
     out = torch.empty((batch, heads, seq_len, head_dim), dtype=q.dtype, device=q.device)  # [B, H, L, D]
     lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)  # [B, H, L], base 2
     tile_m, tile_n = _tile_sizes("forward", head_dim, q.dtype, block_m, block_n)
-    grid = (triton.cdiv(seq_len, tile_m), batch * heads)
+    grid = (triton.cdiv(seq_len, tile_m), heads, batch)
     _attention_forward_kernel[grid](
         q, k, v, out, lse, *_row_strides(q), *_row_strides(k), *_row_strides(v),
         heads, seq_len, scale * _LOG2E,
@@ -275,7 +280,7 @@ def _triton_backward(q, k, v, out, lse, dout, active, scale, block_m, block_n, n
     strides = (*_row_strides(q), *_row_strides(k), *_row_strides(v))
 
     tile_m, _ = _tile_sizes("dq", head_dim, q.dtype, block_m, block_n)
-    _backward_preprocess_kernel[(triton.cdiv(seq_len, tile_m), batch * heads)](
+    _backward_preprocess_kernel[(triton.cdiv(seq_len, tile_m), heads, batch)](
         out, dout, active_rows, active_counts, delta, heads, seq_len,
         HEAD_DIM=head_dim, BLOCK_M=tile_m,
     )
@@ -284,14 +289,14 @@ def _triton_backward(q, k, v, out, lse, dout, active, scale, block_m, block_n, n
         dk = torch.empty_like(out)  # [B, H, L, D], every key row is written
         dv = torch.empty_like(out)  # [B, H, L, D]
         tile_m, tile_n = _tile_sizes("dkdv", head_dim, q.dtype, block_m, block_n)
-        _backward_dkdv_kernel[(triton.cdiv(seq_len, tile_n), batch * heads)](
+        _backward_dkdv_kernel[(triton.cdiv(seq_len, tile_n), heads, batch)](
             q, k, v, dout, lse, delta, active_rows, active_counts, dk, dv, *strides,
             heads, seq_len, scale * _LOG2E, scale, BLOCK_M=tile_m, BLOCK_N=tile_n, **common,
         )
     if need_dq:
         dq = torch.zeros_like(out)  # [B, H, L, D], only active rows are written
         tile_m, tile_n = _tile_sizes("dq", head_dim, q.dtype, block_m, block_n)
-        _backward_dq_kernel[(triton.cdiv(seq_len, tile_m), batch * heads)](
+        _backward_dq_kernel[(triton.cdiv(seq_len, tile_m), heads, batch)](
             q, k, v, dout, lse, delta, active_rows, active_counts, dq, *strides,
             heads, seq_len, scale * _LOG2E, scale, BLOCK_M=tile_m, BLOCK_N=tile_n, **common,
         )
@@ -307,6 +312,7 @@ class _ActiveQueryAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' gradients have no graph of their own
     def backward(ctx, dout):
         q, k, v, out, lse, active = ctx.saved_tensors
         need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
@@ -365,6 +371,8 @@ def _check_inputs(q, k, v, active):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if q.dim() != 4:
         raise ValueError(f"q must be 4-D [B, H, L, D], got shape {tuple(q.shape)}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q must have a head dim D >= 1, got shape {tuple(q.shape)}")
     if not q.dtype.is_floating_point:
         raise TypeError(f"q, k, v must be floating point, got dtype {q.dtype}")
     for name, x in (("k", k), ("v", v)):
@@ -384,7 +392,10 @@ def _check_inputs(q, k, v, active):
 
 def _triton_unsupported_reason(q):
     """Why the Triton kernels cannot take q (a message), or None."""
-    head_dim = q.shape[-1]
+    batch, heads, _, head_dim = q.shape
+    if max(batch, heads) > MAX_GRID_AXIS:
+        return (f"backend='triton' supports B and H up to {MAX_GRID_AXIS} (CUDA's grid limit), got B={batch}, "
+                f"H={heads}; use backend='torch'")
     if head_dim not in SUPPORTED_HEAD_DIMS:
         return f"backend='triton' supports head dim D in {SUPPORTED_HEAD_DIMS}, got D={head_dim}; use backend='torch'"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -400,6 +411,8 @@ def _triton_unsupported_reason(q):
 
 
 def _torch_attention(q, k, v, active, scale):
+    if q.numel() == 0:  # no rows at all (B, H or L is 0), so none to keep out of the backward
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, H, L, D]
     with torch.no_grad():
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, H, L, D], every row
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):

@@ -261,6 +261,7 @@ def _bad_call(**overrides):
     (_bad_call(active=torch.ones(2, 8)), TypeError, "active must be a bool tensor"),
     (_bad_call(active=torch.ones(2, 8, dtype=torch.bool, device="meta")), ValueError, "active must be on the device"),
     (_bad_call(**{x: torch.randn(2, 2, 8, 24) for x in "qkv"}), ValueError, "supports head dim D"),
+    (_bad_call(**{x: torch.randn(2, 2, 8, 0) for x in "qkv"}, backend="torch"), ValueError, "head dim D >= 1"),
     (_bad_call(backend="cuda"), ValueError, "unknown backend"),
     (_bad_call(block_m=24), ValueError, "block_m must be a power of two"),
 ])
@@ -268,6 +269,37 @@ def test_bad_inputs_raise_clear_errors(call, error, match, monkeypatch):
     monkeypatch.setattr(attn_kernel, "INTERPRETED", True)  # reach the checks behind the interpreter check
     with pytest.raises(error, match=match):
         active_query_attention(**call)
+
+
+def test_batch_past_the_cuda_grid_limit_is_refused_by_triton_and_auto_uses_torch(monkeypatch):
+    monkeypatch.setattr(attn_kernel, "INTERPRETED", True)
+    batch = attn_kernel.MAX_GRID_AXIS + 1
+    q, k, v = (torch.randn(batch, 1, 1, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    active = torch.ones(batch, 1, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="CUDA's grid limit"):
+        active_query_attention(q, k, v, active, backend="triton")
+    out = active_query_attention(q, k, v, active)  # auto: the torch path, exact (one key: out = v)
+    assert type(out.grad_fn).__name__ == "AddBackward0" and torch.equal(out, v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 2, 8, 16), (2, 0, 8, 16), (2, 2, 0, 16)])
+def test_empty_batch_heads_or_length_give_empty_output_and_gradients(backend, shape):
+    q, k, v = (torch.randn(shape, device=DEVICE, requires_grad=True) for _ in range(3))
+    active = torch.ones(shape[0], shape[2], dtype=torch.bool, device=DEVICE)
+    out = active_query_attention(q, k, v, active, backend=backend)
+    assert out.shape == shape
+    out.sum().backward()
+    assert all(x.grad.shape == shape for x in (q, k, v))
+
+
+def test_triton_backward_refuses_to_be_differentiated_again():
+    q, k, v, active, _ = make_inputs(single(16, (("all",),)))
+    q.requires_grad_()
+    out = active_query_attention(q, k, v, active, backend="triton")
+    dq, = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dq.sum().backward()
 
 
 def test_bfloat16_is_refused_by_the_cpu_interpreter(monkeypatch):

@@ -19,6 +19,7 @@ Where the paper is silent, the choices made here are marked "[ours]" with the re
 import argparse
 import json
 import math
+import operator
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -44,7 +45,8 @@ class ModelConfig:
 
 
 # Which ActiveQueryAttention implementation runs when `active` is given: "auto" takes the Triton kernels
-# for CUDA tensors and the pure-PyTorch path on a CPU; "triton" or "torch" forces one (attn_kernel.py).
+# for CUDA tensors (and for CPU tensors when Triton's interpreter is on, TRITON_INTERPRET=1, as under
+# pytest) and the pure-PyTorch path otherwise; "triton" or "torch" forces one (attn_kernel.py).
 ATTENTION_BACKEND = "auto"
 
 
@@ -147,7 +149,7 @@ def make_instances(n, seed):
     open_rank = torch.rand(n, N_CELLS, generator=gen).argsort(1).argsort(1)  # [n, N] random permutation
     is_open = open_rank < n_open  # [n, N] a random subset of n_open cells
     marked = open_rank.masked_fill(~is_open, N_CELLS).argmin(1)  # [n] the open cell of rank 0
-    rows = torch.arange(n)
+    rows = torch.arange(n)  # [n]
     cells = torch.where(is_open, OPEN, BLOCKED)  # [n, N]
     marks = torch.full((n, N_CELLS), UNMARKED)  # [n, N]
     marks[rows, marked] = MARKED
@@ -241,11 +243,11 @@ def load_or_train(model_cfg, train_cfg, retrain=False):
 #
 # Each step: one forward at the current state x_t; the order rule scores the masked positions; each
 # row reveals its `budget` best-scoring ones, budget = ceil(masked / steps_left), so a row with n
-# masked positions and T steps is done after exactly T steps; the revealed tokens are committed
+# masked positions and T steps is done after min(n, T) steps; the revealed tokens are committed
 # (argmax, or a sample at a temperature) and never change again.
 
 
-@dataclass
+@dataclass(frozen=True)  # one default instance is shared; variants are made with replace()
 class SamplerConfig:
     temperature: float = 0.0        # commit rule: 0 = argmax, > 0 = sample from p ** (1 / temperature)
     lookahead_k: int = 0            # exact lookahead: candidates per step (most confident first); 0 = all
@@ -257,8 +259,9 @@ class SamplerConfig:
     gamma: float = 0.0              # BoE: exponent of the confidence gate c ** gamma (0 = no gate)
     lam: float = 1.0                # BoE: weight of the anti-collapse penalty (0 = none)
     h_max: float = 0.5              # BoE: entropy floor at the first step (nats); decays linearly
-    rho: float = 1.0                # BoE: probes capped to the ceil(rho * L) highest-entropy ones (the
-                                    # active rows are the candidates plus these probes)
+    rho: float = 1.0                # BoE: probes capped to the ceil(rho * L) highest-entropy ones; the
+                                    # active rows are the r candidates plus these probes, so at most
+                                    # r + ceil(rho * L) of L
     use_tis: bool = True            # BoE ablation: False scores by gate and penalty alone
     sparse_backward: bool = True    # BoE ablation: False runs a dense backward (no active rows)
 
@@ -266,7 +269,7 @@ class SamplerConfig:
 @dataclass
 class Step:
     """What an order rule sees at one decoding step."""
-    model: nn.Module
+    model: nn.Module         # the MDM, for rules that run more passes
     tokens: torch.Tensor     # [B, L] current state x_t
     masked: torch.Tensor     # [B, L] bool, still [MASK]
     logits: torch.Tensor     # [B, L, V] float32, the [MASK] column set to -inf
@@ -275,7 +278,7 @@ class Step:
     has_choice: torch.Tensor # [B] bool, budget < masked: rules that cost extra passes skip other rows
     steps_left: int          # steps left, counting this one: T at the first step, 1 at the last
     steps: int               # T
-    cfg: SamplerConfig
+    cfg: SamplerConfig       # the rules' knobs
     generators: list         # one torch.Generator per row
     forwards: torch.Tensor   # [B] forward passes so far, updated by rules that run more
     backwards: torch.Tensor  # [B] backward passes so far
@@ -295,16 +298,21 @@ def entropy(probs):
 def top_masked(values, masked, count):
     """Per row, the `count[b]` masked positions with the largest values: positions [B, K] and a
     validity mask [B, K] (rows with fewer masked positions get fewer valid entries)."""
-    k = int(count.max())
+    k = min(int(count.max()), values.shape[1])
     ranked = values.masked_fill(~masked, -math.inf).argsort(dim=1, descending=True, stable=True)  # [B, L]
     positions = ranked[:, :k]  # [B, K] ties go to the left, as in the decoding loop
     valid = torch.arange(k, device=values.device) < torch.minimum(count, masked.sum(1))[:, None]  # [B, K]
     return positions, valid
 
 
-# Rules that score only some candidates put the other masked positions this far below, in confidence
-# order, so that they are revealed only when the budget exceeds the candidates.
-AFTER_CANDIDATES = 1e4
+def candidates_first(scores, candidates, confidence):
+    """`scores` [B, L] on the candidates (bool [B, L]); every other position ranked below all of its
+    row's candidates, in confidence order, so it is revealed only when the budget exceeds them. The gap
+    follows the data: a fixed offset fails once candidate scores reach it, and a lookahead's cost grows
+    with |masked| * log V."""
+    lowest = scores.masked_fill(~candidates, math.inf).amin(1, keepdim=True)  # [B, 1]
+    lowest = lowest.masked_fill(~candidates.any(1, keepdim=True), 0.0)  # [B, 1] rows without candidates
+    return torch.where(candidates, scores, lowest - 2 + confidence)  # [B, L], confidence in [0, 1]
 
 
 def score_random(s):
@@ -339,7 +347,7 @@ def lookahead_costs(s, positions, valid, counted=None):
     With lookahead_own_entropy=False the H_i term is dropped (the pure-future ablation). Without it a
     wrong but confident commit looks good: it makes the rest of the sequence consistent with itself."""
     B, K = positions.shape
-    rows = torch.arange(B, device=positions.device)
+    rows = torch.arange(B, device=positions.device)  # [B]
     own = entropy(s.probs)  # [B, L]
     committed = s.probs.argmax(-1)  # [B, L]
     costs = torch.full((B, K), math.inf, device=positions.device)  # [B, K]
@@ -365,8 +373,9 @@ def score_lookahead(s):
     positions, valid = top_masked(score_confidence(s), s.masked, torch.maximum(count, s.budget))
     valid &= s.has_choice[:, None]  # [B, K] a row that reveals every masked position has nothing to search
     costs = lookahead_costs(s, positions, valid)  # [B, K]
-    scores = score_confidence(s) - AFTER_CANDIDATES  # [B, L] positions outside the candidates come last
-    return scores.scatter(1, positions, torch.where(valid, -costs, -AFTER_CANDIDATES))  # [B, L]
+    candidates = torch.zeros_like(s.masked).scatter(1, positions, valid)  # [B, L]
+    scores = torch.zeros(s.masked.shape, device=costs.device).scatter(1, positions, -costs)  # [B, L]
+    return candidates_first(scores, candidates, score_confidence(s))  # [B, L]
 
 
 def check_generate_args(model, prompts, steps, order, cfg):
@@ -378,10 +387,16 @@ def check_generate_args(model, prompts, steps, order, cfg):
                          f"{model.cfg.seq_len}")
     if prompts.numel() and (prompts.min() < 0 or prompts.max() >= model.cfg.vocab_size):
         raise ValueError(f"prompt token ids must lie in [0, {model.cfg.vocab_size})")
-    if not isinstance(steps, int) or steps < 1:
+    try:  # any integer type (int, numpy, 0-d integer tensor), not a float or a bool
+        steps_ok = not isinstance(steps, bool) and operator.index(steps) >= 1
+    except TypeError:
+        steps_ok = False
+    if not steps_ok:
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
     if not callable(order) and order not in ORDER_RULES:
         raise ValueError(f"unknown order rule {order!r}; choose one of {', '.join(ORDER_RULES)}")
+    if not isinstance(cfg, SamplerConfig):
+        raise TypeError(f"cfg must be a SamplerConfig; got {type(cfg).__name__}")
     if cfg.candidates < 0:
         raise ValueError(f"candidates must be >= 0 (0 = every masked position); got {cfg.candidates}")
     if not 0 < cfg.rho <= 1:
@@ -401,12 +416,12 @@ def generate(model, prompts, steps, order="boe", cfg=SamplerConfig(), seed=0):
     Returns (tokens [B, L], record). Row b draws its random numbers (random order, sampling) from a
     generator seeded with seed + b, so a row gives the same output alone as in a batch. record:
       reveal_step [B, L]  step at which each position was revealed (-1: given in the prompt)
-      entropy     [T, B]  total masked entropy at the start of each step (nats)
       forwards    [B]     forward passes spent on each row
       backwards   [B]     backward passes spent on each row
       wall_s              seconds for the whole batch
     """
     check_generate_args(model, prompts, steps, order, cfg)
+    steps = operator.index(steps)
     start = time.time()
     B, L = prompts.shape
     device = prompts.device
@@ -415,7 +430,6 @@ def generate(model, prompts, steps, order="boe", cfg=SamplerConfig(), seed=0):
     forwards = torch.zeros(B, dtype=torch.long, device=device)  # [B]
     backwards = torch.zeros(B, dtype=torch.long, device=device)  # [B]
     reveal_step = torch.full((B, L), -1, device=device)  # [B, L]
-    entropy_trace = []
     for t in range(steps):
         masked = tokens == model.mask_id  # [B, L]
         n_masked = masked.sum(1)  # [B]
@@ -425,12 +439,10 @@ def generate(model, prompts, steps, order="boe", cfg=SamplerConfig(), seed=0):
         budget = (n_masked + steps_left - 1) // steps_left  # [B] ceil(masked / steps_left)
         logits, probs = predict(model, tokens)  # [B, L, V]
         forwards += n_masked > 0
-        entropy_trace.append((entropy(probs) * masked).sum(1))  # [B]
         s = Step(model, tokens, masked, logits, probs, budget, budget < n_masked, steps_left, steps,
                  cfg, generators, forwards, backwards)
         rule = order if callable(order) else ORDER_RULES[order]
-        with torch.enable_grad():
-            scores = rule(s).float()  # [B, L]
+        scores = rule(s).float()  # [B, L]; rules run under no_grad, token_influence enables what it needs
         # Masked positions rank above all others whatever a rule returns (-inf or NaN included); a
         # stable sort breaks ties towards the left.
         scores = scores.nan_to_num(nan=-3e38, neginf=-3e38).masked_fill(~masked, -math.inf)  # [B, L]
@@ -439,8 +451,7 @@ def generate(model, prompts, steps, order="boe", cfg=SamplerConfig(), seed=0):
         reveal = torch.zeros_like(masked).scatter(1, ranked, in_budget)  # [B, L]
         tokens = torch.where(reveal, commit(logits, cfg.temperature, generators), tokens)  # [B, L]
         reveal_step[reveal] = t
-    record = dict(reveal_step=reveal_step, entropy=torch.stack(entropy_trace) if entropy_trace else
-                  torch.zeros(0, B), forwards=forwards, backwards=backwards, wall_s=time.time() - start)
+    record = dict(reveal_step=reveal_step, forwards=forwards, backwards=backwards, wall_s=time.time() - start)
     return tokens, record
 
 
@@ -470,9 +481,11 @@ def commit(logits, temperature, generators):
 #
 # The surrogate state puts every candidate at its soft embedding at once, so g is one gradient of
 # one scalar with respect to the whole input: one backward gives the TIS of every candidate. Higher
-# TIS = a larger predicted drop of the entropy left. The backward only needs the attention rows of
-# candidates and probes (the entropy is read at the probes and must reach the candidates through
-# them), so it runs with active = candidates | probes (ActiveQueryAttention, attn_kernel.py).
+# TIS = a larger predicted drop of the entropy left. The backward runs with active = candidates |
+# probes (ActiveQueryAttention, attn_kernel.py): every attention layer passes gradient only through
+# the outputs of those rows. The entropy is read at the probes and must reach the candidates, so both
+# stay active. The paths through the other rows' attention outputs are dropped: exact in the last
+# layer, an approximation below it, which the paper accepts for an O(|A| L d) backward.
 
 
 def token_influence(logits_fn, embeds, delta, probes, mask_id=None, active=None):
@@ -486,15 +499,16 @@ def token_influence(logits_fn, embeds, delta, probes, mask_id=None, active=None)
     mask_id   : vocabulary column removed before the softmax (an MDM never predicts [MASK])
     returns   : [B, L], float32 or wider; rows are independent (the gradient of a sum over rows)
     """
-    embeds = embeds.detach().requires_grad_(True)  # [B, L, D]
-    logits = logits_fn(embeds) if active is None else logits_fn(embeds, active=active)  # [B, L, V]
-    if mask_id is not None:
-        keep = torch.arange(logits.shape[-1], device=logits.device) != mask_id  # [V]
-        logits = logits[..., keep]  # [B, L, V - 1]
-    precision = torch.promote_types(logits.dtype, torch.float32)  # at least fp32 for the entropy
-    logp = logits.to(precision).log_softmax(-1)  # [B, L, V']
-    probe_entropy = -(logp.exp() * logp).sum(-1)  # [B, L]
-    (grad,) = torch.autograd.grad((probe_entropy * probes).sum(), embeds)  # [B, L, D]
+    with torch.enable_grad():  # also inside a sampler's no_grad
+        embeds = embeds.detach().requires_grad_(True)  # [B, L, D]
+        logits = logits_fn(embeds) if active is None else logits_fn(embeds, active=active)  # [B, L, V]
+        if mask_id is not None:
+            keep = torch.arange(logits.shape[-1], device=logits.device) != mask_id  # [V]
+            logits = logits[..., keep]  # [B, L, V - 1]
+        precision = torch.promote_types(logits.dtype, torch.float32)  # at least fp32 for the entropy
+        logp = logits.to(precision).log_softmax(-1)  # [B, L, V']
+        probe_entropy = -(logp.exp() * logp).sum(-1)  # [B, L]
+        (grad,) = torch.autograd.grad((probe_entropy * probes).sum(), embeds)  # [B, L, D]
     return -(grad.to(precision) * delta.to(precision)).sum(-1)  # [B, L]
 
 
@@ -527,8 +541,7 @@ def boe_candidates_and_tis(s):
     # Probes capped to the ceil(rho * L) of highest entropy: the paper's active-fraction knob.
     n_probes = math.ceil(cfg.rho * L)
     if n_probes < L:
-        keep, keep_valid = top_masked(own_entropy.masked_fill(~probes, -math.inf), probes,
-                                      torch.full_like(s.budget, n_probes))  # [B, P]
+        keep, keep_valid = top_masked(own_entropy, probes, torch.full_like(s.budget, n_probes))  # [B, P]
         probes = torch.zeros_like(probes).scatter(1, keep, keep_valid)  # [B, L]
     if not cfg.use_tis or not probes.any():
         return candidates, probes, torch.zeros_like(confidence)
@@ -553,9 +566,11 @@ def score_boe(s):
     gate = c ** gamma keeps low-confidence tokens from being revealed on TIS alone [ours]; TIS is
     min-max normalised over each row's candidates [ours]. The penalty is the paper's anti-collapse
     regulariser: its floor h_t = h_max * t / T (t = steps left) decays linearly over the run, so early
-    steps avoid spending reveals on tokens that are already nearly certain. Where a row has no probes
-    (r covers every masked position) there is no TIS: the score is then the gate minus the penalty,
-    and equal scores go to the leftmost positions."""
+    steps avoid spending reveals on tokens that are already nearly certain; t counts the steps left,
+    the index of x_t, so the floor is h_max / T at the last step, where every row reveals all it has
+    left. Where a row has no probes (r covers every masked position) there is no TIS, the normalised
+    influence is 0 and the score is minus the penalty alone; equal scores go to the leftmost
+    positions."""
     candidates, _, tis = boe_candidates_and_tis(s)  # [B, L], [B, L]
     return boe_scores(s, candidates, tis)
 
@@ -570,10 +585,10 @@ def boe_scores(s, candidates, tis):
         influence = (tis - low) / (high - low).clamp_min(1e-12)  # [B, L] in [0, 1]
     else:
         influence = torch.ones_like(tis)  # [B, L]
-    floor = cfg.h_max * s.steps_left / s.steps  # h_t = h_max * t / T with t = steps_left
+    floor = cfg.h_max * s.steps_left / s.steps  # h_t = h_max * t / T, t = steps left (T down to 1)
     penalty = cfg.lam * (floor - own_entropy).clamp_min(0) ** 2  # [B, L]
     scores = confidence ** cfg.gamma * influence - penalty  # [B, L]
-    return torch.where(candidates, scores, confidence - AFTER_CANDIDATES)  # [B, L] others come last
+    return candidates_first(scores, candidates, confidence)  # [B, L]
 
 
 ORDER_RULES = {
@@ -639,7 +654,7 @@ def soft_reveal_drops(s, context, positions, valid, probes):
     """For each candidate i (two forwards each): the drop of the probes' entropy when e_i moves from
     E[MASK] to its soft embedding e~_i, every other position keeping its embedding in `context`
     [B, L, D]. With context = the surrogate state, TIS is the first-order estimate of this drop."""
-    rows = torch.arange(len(positions), device=positions.device)
+    rows = torch.arange(len(positions), device=positions.device)  # [B]
     soft = soft_embeddings(s)  # [B, L, D]
     mask_embedding = s.model.token_embedding.weight[s.model.mask_id]  # [D]
 
@@ -658,6 +673,7 @@ def soft_reveal_drops(s, context, positions, valid, probes):
     return drops.masked_fill(~valid, 0.0)  # [B, K]
 
 
+# The rankings tis_fidelity compares, in pairs that walk from TIS to the exact lookahead.
 TIS_PAIRS = (("tis", "surrogate"), ("surrogate", "alone"), ("alone", "hard"), ("tis", "masked"))
 
 
@@ -703,9 +719,9 @@ def tis_fidelity(model, prompts, steps, cfg):
 
     generate(model, prompts, steps, score_and_compare, cfg)
     summary = dict(steps=steps, decisions=len(results[TIS_PAIRS[0]][0]))
-    for pair, (correlations, agreements) in results.items():
-        n = max(len(correlations), 1)
-        summary[pair] = (sum(correlations) / n, sum(agreements) / n)
+    for pair, (correlations, agreements) in results.items():  # None where there was no decision
+        n = len(correlations)
+        summary[pair] = (sum(correlations) / n, sum(agreements) / n) if n else None
     return summary
 
 
@@ -768,12 +784,15 @@ def main():
     parser.add_argument("--show", type=int, metavar="INSTANCE", help="print one instance's decoding "
                         "by every order rule at the first --steps budget, instead of the table")
     parser.add_argument("--tune", action="store_true", help="grid-search BoE's knobs on seed 0")
-    parser.add_argument("--train-steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--train-steps", type=int, default=TrainConfig.steps, help="training steps "
+                        "(a cache made with other settings is retrained)")
     parser.add_argument("--cache", default=TrainConfig.cache, help="trained weights file")
     parser.add_argument("--retrain", action="store_true", help="train even if the cache is valid")
     args = parser.parse_args()
-    if args.instances < 1 or min(args.steps) < 1:
-        parser.error("--instances and --steps must be >= 1")
+    if args.instances < 1 or min(args.steps) < 1 or args.train_steps < 1:
+        parser.error("--instances, --steps and --train-steps must be >= 1")
+    if args.show is not None and args.show < 0:
+        parser.error("--show takes an instance number >= 0")
 
     model = load_or_train(ModelConfig(), TrainConfig(steps=args.train_steps, cache=args.cache),
                           args.retrain)
@@ -804,8 +823,9 @@ def main():
     print(f"{'steps':>6}{'decisions':>10}" + "".join(f"{a + ' vs ' + b:>20}" for a, b in TIS_PAIRS))
     for steps in args.steps:
         fid = tis_fidelity(model, fidelity_prompts, steps, cfg)
-        print(f"{steps:>6}{fid['decisions']:>10}"
-              + "".join(f"{fid[pair][0]:+13.2f} {fid[pair][1]:5.0%}" for pair in TIS_PAIRS))
+        print(f"{steps:>6}{fid['decisions']:>10}" + "".join(
+            f"{'n/a':>20}" if fid[pair] is None else f"{fid[pair][0]:+14.2f} {fid[pair][1]:5.0%}"
+            for pair in TIS_PAIRS))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -81,6 +81,14 @@ def test_tis_with_active_rows_equals_dense_autograd_with_inactive_rows_detached(
     assert not torch.allclose(sparse, dense, rtol=1e-3), "the active set should change the gradient"
 
 
+def test_tis_is_the_same_when_called_under_no_grad():
+    model = random_model(torch.float64)
+    embeds, delta, probes = random_tis_inputs(model, seed=4)
+    tis = boe.token_influence(model.forward_embeds, embeds, delta, probes, boe.MASK)
+    with torch.no_grad():
+        assert torch.equal(boe.token_influence(model.forward_embeds, embeds, delta, probes, boe.MASK), tis)
+
+
 def test_forward_logits_unchanged_by_active_rows():
     model = random_model(torch.float64)
     embeds, _, probes = random_tis_inputs(model, seed=7)
@@ -110,13 +118,16 @@ def test_tis_same_with_triton_and_torch_backends(monkeypatch):
 ALL_ORDERS = list(boe.ORDER_RULES)
 # Every order rule with its default settings, and BoE in the regimes the defaults do not reach on
 # these prompts (with r = 8 and at most 8 masked positions there are never probes): a few candidates
-# and probes, probes capped by rho, every masked position a candidate and a probe.
+# and probes, probes capped by rho, every masked position a candidate and a probe; and more candidates
+# asked for than there are positions.
 RULES = [(order, boe.SamplerConfig()) for order in ALL_ORDERS] + [
     ("boe", boe.SamplerConfig(candidates=2)),
     ("boe", boe.SamplerConfig(candidates=2, rho=0.1)),
     ("boe", boe.SamplerConfig(candidates=0)),
+    ("boe", boe.SamplerConfig(candidates=50)),
+    ("lookahead", boe.SamplerConfig(lookahead_k=50)),
 ]
-RULE_IDS = ALL_ORDERS + ["boe-r2", "boe-r2-rho0.1", "boe-all"]
+RULE_IDS = ALL_ORDERS + ["boe-r2", "boe-r2-rho0.1", "boe-all", "boe-r50", "lookahead-k50"]
 
 
 def partly_masked_prompts(n=6, seed=3):
@@ -160,6 +171,15 @@ def test_batch_equals_rows_alone_and_seed_repeats(order, cfg, temperature):
         assert torch.equal(alone[0], tokens[row]), f"row {row} differs alone"
         for count in ("forwards", "backwards"):
             assert alone_record[count][0] == record[count][row], f"row {row} is charged differently alone"
+
+
+def test_candidates_rank_above_every_other_position_however_low_their_scores():
+    candidates = torch.tensor([[True, False, True, False, False], [False] * 5])  # [2, 5]
+    scores = torch.tensor([[-3e4, 9.0, -5e4, 9.0, 9.0], [0.0] * 5])  # [2, 5] far below any fixed offset
+    confidence = torch.tensor([[0.1, 0.2, 0.3, 0.9, 0.5], [0.6, 0.2, 0.3, 0.9, 0.5]])  # [2, 5]
+    ranked = boe.candidates_first(scores, candidates, confidence).argsort(1, descending=True)  # [2, 5]
+    assert ranked[0].tolist() == [0, 2, 3, 4, 1]  # candidates by score, then the rest by confidence
+    assert ranked[1].tolist() == [3, 0, 4, 2, 1]  # no candidates: confidence order
 
 
 def test_sampling_at_high_temperature_never_commits_mask():
@@ -242,6 +262,9 @@ def test_lookahead_reveals_the_pivot_first_under_the_true_conditionals():
     (dict(prompts=torch.full((2, 18), 99)), ValueError, "token ids"),
     (dict(steps=0), ValueError, "steps must be"),
     (dict(steps=2.5), ValueError, "steps must be"),
+    (dict(steps=True), ValueError, "steps must be"),
+    (dict(cfg=None), TypeError, "cfg must be a SamplerConfig"),
+    (dict(cfg=boe.SamplerConfig(temperature=-1.0)), ValueError, "temperature >= 0"),
     (dict(order="best"), ValueError, "unknown order rule 'best'"),
     (dict(cfg=boe.SamplerConfig(candidates=-1)), ValueError, "candidates must be"),
     (dict(cfg=boe.SamplerConfig(rho=0.0)), ValueError, "rho must"),

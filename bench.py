@@ -249,8 +249,7 @@ def boe_steps(device, dtype, timer):
                           cfg=cfg, generators=[], forwards=zeros, backwards=zeros.clone())
             # Pass the fields boe.Step has; one it has and this script does not know raises a TypeError.
             s = boe.Step(**{f.name: values[f.name] for f in fields(boe.Step) if f.name in values})
-            with torch.enable_grad():
-                return rule(s)  # [B, L] scores
+            return rule(s)  # [B, L] scores, under no_grad as in boe.generate
         return run
 
     def peak_gib(fn):

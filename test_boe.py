@@ -182,6 +182,17 @@ def test_candidates_rank_above_every_other_position_however_low_their_scores():
     assert ranked[1].tolist() == [3, 0, 4, 2, 1]  # no candidates: confidence order
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("order, cfg", RULES, ids=RULE_IDS)
+def test_generate_on_gpu_matches_cpu(order, cfg):
+    model = random_model(torch.float64)  # float64: the two devices agree far below any score gap
+    prompts = partly_masked_prompts()
+    tokens, record = boe.generate(model, prompts, 3, order, cfg)
+    gpu_tokens, gpu_record = boe.generate(model.cuda(), prompts.cuda(), 3, order, cfg)
+    assert torch.equal(gpu_tokens.cpu(), tokens)
+    assert torch.equal(gpu_record["reveal_step"].cpu(), record["reveal_step"])
+
+
 def test_sampling_at_high_temperature_never_commits_mask():
     model = random_model()
     prompts, _ = boe.make_instances(50, 0)

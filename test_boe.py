@@ -220,6 +220,11 @@ def test_forward_and_backward_counts_are_as_documented():
     assert look_k["forwards"].tolist() == [steps + 4 + 4] * 4
 
 
+def test_default_model_config_fits_the_task():
+    cfg = boe.ModelConfig()
+    assert (cfg.vocab_size, cfg.mask_id, cfg.seq_len) == (len(boe.TOKEN_CHARS), boe.MASK, boe.SEQ_LEN)
+
+
 def test_prompt_without_masks_is_returned_unchanged():
     model = random_model()
     _, answers = boe.make_instances(2, 0)

@@ -23,6 +23,7 @@ Two implementations share this contract: Triton kernels (a flash-style forward, 
 compact sorted list of active rows: a Delta preprocess, a dK/dV kernel and a dQ kernel; no atomics, so
 results are deterministic) and a pure PyTorch path. `reference_attention` is the dense oracle.
 """
+import contextlib
 import math
 import os
 
@@ -40,8 +41,9 @@ _LOG2E = 1.4426950408889634  # the kernels use exp2/log2, so logits are scaled b
 
 # --------------------------------------------------------------------------------------------------
 # Triton kernels. Each program works on one (batch, head): grid axes 1 and 2 are the head h and the
-# batch b, since CUDA caps those axes at 65535 and one axis of B*H would overflow first. bh = b * H + h
-# is an int64, so offsets past 2^31 elements stay exact. Every [B, H, L, D] tensor is addressed through
+# batch b, since CUDA caps those axes at 65535 and one axis of B*H would overflow first. b, h, bh =
+# b * H + h and the row indices are int64 before they meet a stride, so offsets past 2^31 elements
+# (a large tensor, or a view such as [L, B, H, D] permuted to [B, H, L, D]) stay exact. Every [B, H, L, D] tensor is addressed through
 # (batch, head, row) strides with unit stride along D; out, dOut, dQ, dK and dV are contiguous.
 # Accumulators and statistics are fp32, dot operands keep the input dtype. The log-sum-exp is stored
 # in base 2: lse2 = log2(sum_n exp2(s_n)).
@@ -52,13 +54,15 @@ _LOG2E = 1.4426950408889634  # the kernels use exp2/log2, so logits are scaled b
 def _load_rows(base, rows, row_mask, stride_row, HEAD_DIM: tl.constexpr):
     """Rows `rows` of a [L, HEAD_DIM] matrix; masked rows read as 0."""
     cols = tl.arange(0, HEAD_DIM)
-    return tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=row_mask[:, None], other=0.0)
+    offsets = rows.to(tl.int64)[:, None] * stride_row + cols[None, :]  # [ROWS, HEAD_DIM]
+    return tl.load(base + offsets, mask=row_mask[:, None], other=0.0)
 
 
 @triton.jit
 def _store_rows(base, rows, row_mask, stride_row, values, HEAD_DIM: tl.constexpr):
     cols = tl.arange(0, HEAD_DIM)
-    tl.store(base + rows[:, None] * stride_row + cols[None, :], values, mask=row_mask[:, None])
+    offsets = rows.to(tl.int64)[:, None] * stride_row + cols[None, :]  # [ROWS, HEAD_DIM]
+    tl.store(base + offsets, values, mask=row_mask[:, None])
 
 
 @triton.jit
@@ -70,7 +74,7 @@ def _attention_forward_kernel(
 ):
     """One block of BLOCK_M query rows of one (batch, head): online softmax over all key blocks."""
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     bh = b * num_heads + h
     q_base = Q + b * stride_qb + h * stride_qh
@@ -114,7 +118,7 @@ def _backward_preprocess_kernel(
 ):
     """Delta for BLOCK_M consecutive slots of the active-row list, stored compactly by slot."""
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     bh = b * num_heads + h
     n_active = tl.load(ActiveCounts + b)
@@ -141,7 +145,7 @@ def _backward_dkdv_kernel(
     Works in the transposed orientation (keys x rows) so that P^T and dS^T come out of the dots directly.
     """
     pid_n = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     bh = b * num_heads + h
     q_base = Q + b * stride_qb + h * stride_qh
@@ -187,7 +191,7 @@ def _backward_dq_kernel(
 ):
     """dQ of BLOCK_M gathered active rows, resident while all key blocks stream by."""
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     bh = b * num_heads + h
     n_active = tl.load(ActiveCounts + b)
@@ -303,10 +307,16 @@ def _triton_backward(q, k, v, out, lse, dout, active, scale, block_m, block_n, n
     return dq, dk, dv
 
 
+def _on_device_of(x):
+    """Triton launches on the current CUDA device: make it x's (a no-op in the interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 class _ActiveQueryAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, active, scale, block_m, block_n):
-        out, lse = _triton_forward(q, k, v, scale, block_m, block_n)
+        with _on_device_of(q):
+            out, lse = _triton_forward(q, k, v, scale, block_m, block_n)
         ctx.save_for_backward(q, k, v, out, lse, active)
         ctx.settings = (scale, block_m, block_n)
         return out
@@ -317,8 +327,9 @@ class _ActiveQueryAttention(torch.autograd.Function):
         q, k, v, out, lse, active = ctx.saved_tensors
         need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
         # The kernels index dOut like out; autograd almost always hands over a contiguous tensor already.
-        dq, dk, dv = _triton_backward(q, k, v, out, lse, dout.contiguous(), active, *ctx.settings,
-                                      need_dq=need_dq, need_dkdv=need_dk or need_dv)
+        with _on_device_of(q):
+            dq, dk, dv = _triton_backward(q, k, v, out, lse, dout.contiguous(), active, *ctx.settings,
+                                          need_dq=need_dq, need_dkdv=need_dk or need_dv)
         return dq, dk if need_dk else None, dv if need_dv else None, None, None, None, None
 
 
@@ -337,15 +348,17 @@ def active_query_attention(q, k, v, active, scale=None, backend="auto", block_m=
     q, k, v: [B, H, L, D], same dtype and device; active: bool [B, L]; scale defaults to 1 / sqrt(D).
     backend: "triton" (kernels; on CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1 set
     before import), "torch", or "auto" (Triton for CUDA tensors, or CPU tensors when interpreted, if it
-    supports D and the dtype; PyTorch otherwise). block_m / block_n override the Triton tile sizes
-    (query rows, keys; powers of two >= 16); the torch backend ignores them.
+    supports the shape and dtype; PyTorch otherwise). block_m / block_n override the Triton tile sizes
+    (query rows, keys; 16, 32, 64 or 128) in every kernel; the torch backend ignores them. The defaults
+    are tuned per kernel; on a GPU, large explicit tiles with fp32 or D = 128 can exceed shared memory,
+    which Triton reports as an out-of-resources error.
     """
     _check_inputs(q, k, v, active)
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown backend {backend!r}; use 'auto', 'triton' or 'torch'")
     for name, block in (("block_m", block_m), ("block_n", block_n)):
-        if block is not None and (block < 16 or block & (block - 1)):
-            raise ValueError(f"{name} must be a power of two >= 16, got {block}")
+        if block is not None and (not isinstance(block, int) or block not in (16, 32, 64, 128)):
+            raise ValueError(f"{name} must be a power of two from 16 to 128, got {block!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
     if backend == "auto":
@@ -400,7 +413,7 @@ def _triton_unsupported_reason(q):
         return f"backend='triton' supports head dim D in {SUPPORTED_HEAD_DIMS}, got D={head_dim}; use backend='torch'"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"backend='triton' supports dtype float16, bfloat16 and float32, got {q.dtype}"
-    if q.dtype == torch.bfloat16 and not q.is_cuda:
+    if q.dtype == torch.bfloat16 and INTERPRETED:
         return "backend='triton' does not support dtype bfloat16 in Triton's CPU interpreter; use a GPU or float32"
     return None
 

@@ -23,7 +23,7 @@ settings.register_profile("gpu", max_examples=200, derandomize=True, database=No
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if HAS_GPU else "ci"))
 
 
-# Worst relative error norm ||x - x_64|| / ||x_64|| that the kernel property test saw, per (backend,
+# Worst relative error norm ||x - x_64|| / ||x_64|| that the kernel tests saw, per (backend,
 # dtype, tensor), against the float64 reference; printed at the end of the run, so that a run of the
 # "gpu" profile reports it.
 WORST_RELATIVE_ERROR = {}
@@ -31,6 +31,6 @@ WORST_RELATIVE_ERROR = {}
 
 def pytest_terminal_summary(terminalreporter):
     if WORST_RELATIVE_ERROR:
-        terminalreporter.section("worst relative error against float64 (test_kernel.py property test)")
+        terminalreporter.section("worst relative error against float64 (test_kernel.py)")
         for (backend, dtype, tensor), error in sorted(WORST_RELATIVE_ERROR.items()):
             terminalreporter.write_line(f"{backend:<7}{dtype:<9}{tensor:<4}{error:.2e}")

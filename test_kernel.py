@@ -113,6 +113,10 @@ def run_backend(backend, problem, q, k, v, active, dout):
     return run_with_grads(fn, q, k, v, dout)
 
 
+def detach_inactive(out, active):
+    return torch.where(active[:, None, :, None], out, out.detach())  # [B, H, L, D]
+
+
 def assert_close(name, actual, expected, bound):
     error = (actual.double() - expected).norm().item()
     assert error <= bound, f"{name}: error norm {error:.3g} > bound {bound:.3g} (reference norm {expected.norm():.3g})"
@@ -158,20 +162,31 @@ def single(seq_len, patterns, dtype=torch.float32, **kwargs):
 @example(problem=single(40, (("random", 30), ("strided", 1, 3)), dtype=torch.float16, block_m=16, block_n=16))
 @example(problem=single(70, (("empty",), ("empty",))))
 @example(problem=single(70, (("all",), ("all",)), dtype=torch.float16, sharpness=4.0))
+@example(problem=single(70, (("random", 50), ("single", 3)), sharpness=30.0))  # nearly one-hot rows
+@example(problem=single(70, (("random", 50), ("single", 3)), dtype=torch.float16, sharpness=30.0))
 def test_matches_float64_reference_and_only_active_rows_carry_gradient(backend, problem):
-    q, k, v, active, dout = make_inputs(problem)
+    check_against_float64(backend, problem, *make_inputs(problem))
+
+
+def check_against_float64(backend, problem, q, k, v, active, dout):
+    """The properties every input must have: out, dq, dk, dv close to the float64 reference (and
+    finite), dq exactly zero on inactive rows, zero dk and dv for a sequence with no active row."""
     results = run_backend(backend, problem, q, k, v, active, dout)
     expected = run_with_grads(lambda q, k, v: reference_attention(q, k, v, active), q, k, v, dout, torch.float64)
 
     if problem.dtype == torch.float32:
         bounds = [1e-4 * e.norm().item() + 1e-5 * math.sqrt(e.numel()) for e in expected]
     else:
-        # Twice the error of PyTorch's own attention in this dtype, plus two units of rounding: Delta is
-        # built from the rounded output (as in FlashAttention), which PyTorch's softmax backward avoids.
-        same_dtype = run_with_grads(lambda q, k, v: reference_attention(q, k, v, active), q, k, v, dout)
+        # Twice the error of PyTorch's own attention in this dtype, the larger of two: plain matmul and
+        # softmax, and SDPA. SDPA builds Delta from the rounded output, as these kernels do (as
+        # FlashAttention does); where dq is small next to the terms of dP - Delta that cancel, as with
+        # a single nearly one-hot row, that costs more than the plain softmax backward does.
+        plain = run_with_grads(lambda q, k, v: reference_attention(q, k, v, active), q, k, v, dout)
+        fused = run_with_grads(lambda q, k, v: detach_inactive(F.scaled_dot_product_attention(q, k, v), active),
+                               q, k, v, dout)
         eps = torch.finfo(problem.dtype).eps
-        bounds = [(2 * (t.double() - e).norm() + 2 * eps * e.norm()).item() + 1e-5 * math.sqrt(e.numel())
-                  for t, e in zip(same_dtype, expected)]
+        bounds = [(2 * max((p.double() - e).norm(), (f.double() - e).norm()) + 2 * eps * e.norm()).item()
+                  + 1e-5 * math.sqrt(e.numel()) for p, f, e in zip(plain, fused, expected)]
     for name, actual, reference, bound in zip(["out", "dq", "dk", "dv"], results, expected, bounds):
         assert torch.isfinite(actual).all(), f"{name} has NaN or inf"
         assert_close(name, actual, reference, bound)
@@ -187,6 +202,46 @@ def test_matches_float64_reference_and_only_active_rows_carry_gradient(backend, 
             assert not dk[b].any() and not dv[b].any(), "an empty active set must give zero dk, dv"
 
 
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every test already runs the GPU's tiles")
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_default_tiles_are_right_in_the_interpreter(head_dim, dtype, monkeypatch):
+    # The interpreter defaults to small square tiles; a GPU uses 128-row or 128-key tiles per kernel.
+    interpreter_tiles = attn_kernel._tile_sizes
+
+    def gpu_tiles(*args):
+        with mock.patch.object(attn_kernel, "INTERPRETED", False):
+            return interpreter_tiles(*args)
+
+    monkeypatch.setattr(attn_kernel, "_tile_sizes", gpu_tiles)
+    assert gpu_tiles("dkdv", head_dim, dtype, None, None)[1] >= 64  # really not the interpreter's 32
+    problem = Problem(batch=2, heads=1, seq_len=150, head_dim=head_dim, dtype=dtype,
+                      patterns=(("random", 60), ("run", 10, 129)))
+    check_against_float64("triton", problem, *make_inputs(problem))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_offsets_past_2_to_the_31_elements_are_exact(backend):
+    # q as a view whose last head starts 2^31 elements into its buffer (4 GiB of fp16, allocated but
+    # barely touched): offsets computed in int32 would wrap around.
+    problem = Problem(batch=1, heads=3, seq_len=17, head_dim=16, dtype=torch.float16, patterns=(("random", 50),))
+    _, k, v, active, dout = make_inputs(problem)
+    buffer = torch.empty(2**31 + 2**20, dtype=torch.float16, device=DEVICE)
+    q = buffer.as_strided((1, 3, 17, 16), (0, 2**30, 16, 1))  # [B, H, L, D]
+    q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(0)).to(q.dtype))
+    check_against_float64(backend, problem, q, k, v, active, dout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keys_shared_across_heads_and_transposed_dout(backend):
+    # k and v expanded over heads (stride 0, as in multi-query attention); dOut not contiguous.
+    problem = single(45, (("random", 40), ("strided", 2, 5)))
+    q, k, v, active, dout = make_inputs(problem)
+    k, v = (x[:, :1].expand(x.shape) for x in (k, v))  # [B, H, L, D], stride 0 along H
+    dout = dout.transpose(2, 3).contiguous().transpose(2, 3)  # [B, H, L, D], unit stride along L
+    check_against_float64(backend, problem, q, k, v, active, dout)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_full_active_set_gives_dense_attention_gradients(backend):
     problem = single(50, (("all",), ("all",)))
@@ -197,11 +252,25 @@ def test_full_active_set_gives_dense_attention_gradients(backend):
         assert_close(name, actual, expected.double(), 1e-4 * expected.norm().item())
 
 
+class RecordLaunches:
+    """Stands in for a @triton.jit kernel: launches it and notes its name in `log`."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("needs_grad", ["q", "kv", "v", ""])
-def test_gradients_only_for_inputs_that_require_them(backend, needs_grad):
+def test_gradients_only_for_inputs_that_require_them(backend, needs_grad, monkeypatch):
     q, k, v, active, dout = make_inputs(single(40, (("random", 40), ("single", 3))))
     leaves = {name: x.detach().clone().requires_grad_(name in needs_grad) for name, x in zip("qkv", (q, k, v))}
+    launched = []  # names of the backward kernels that ran: none should run for a gradient nobody needs
+    for name in ("_backward_dkdv_kernel", "_backward_dq_kernel"):
+        monkeypatch.setattr(attn_kernel, name, RecordLaunches(getattr(attn_kernel, name), name, launched))
     out = active_query_attention(leaves["q"], leaves["k"], leaves["v"], active, backend=backend)
     expected = run_with_grads(lambda q, k, v: reference_attention(q, k, v, active), q, k, v, dout, torch.float64)
     assert_close("out", out.detach(), expected[0], 1e-4 * expected[0].norm().item())
@@ -209,6 +278,9 @@ def test_gradients_only_for_inputs_that_require_them(backend, needs_grad):
         assert not out.requires_grad
         return
     out.backward(dout)
+    if backend == "triton":
+        assert sorted(launched) == ["_backward_dkdv_kernel"] * bool({"k", "v"} & set(needs_grad)) + [
+            "_backward_dq_kernel"] * ("q" in needs_grad)
     for name, reference in zip("qkv", expected[1:]):
         grad = leaves[name].grad
         if name in needs_grad:
@@ -264,6 +336,8 @@ def _bad_call(**overrides):
     (_bad_call(**{x: torch.randn(2, 2, 8, 0) for x in "qkv"}, backend="torch"), ValueError, "head dim D >= 1"),
     (_bad_call(backend="cuda"), ValueError, "unknown backend"),
     (_bad_call(block_m=24), ValueError, "block_m must be a power of two"),
+    (_bad_call(block_n=256), ValueError, "block_n must be a power of two from 16 to 128"),
+    (_bad_call(block_m=32.0), ValueError, "block_m must be a power of two"),
 ])
 def test_bad_inputs_raise_clear_errors(call, error, match, monkeypatch):
     monkeypatch.setattr(attn_kernel, "INTERPRETED", True)  # reach the checks behind the interpreter check
@@ -324,3 +398,34 @@ def test_bench_cpu_path_runs_and_writes_json(tmp_path):
     assert "No CUDA GPU" in result.stdout and "0 errors, 0 failed checks" in result.stdout
     report = json.loads(out.read_text())
     assert report["kernel"] and all(check["ok"] for check in report["checks"])
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU bench.py runs for real; run it by hand there")
+def test_bench_gpu_code_runs_in_the_interpreter(monkeypatch):
+    # bench.py's GPU code (flash baseline, Triton rows, checks, BoE step, summary, goals) on tiny sizes,
+    # with wall-clock timing for CUDA events, so that a slip in it shows before a GPU run.
+    import boe
+    import bench
+
+    monkeypatch.setattr(bench, "CPU_RUNS", 1)
+    monkeypatch.setattr(bench, "ERRORS", [])
+    monkeypatch.setattr(boe, "ATTENTION_BACKEND", boe.ATTENTION_BACKEND)  # boe_steps sets it
+    monkeypatch.setattr(bench, "BOE_MODEL", dict(vocab_size=64, mask_id=63, seq_len=40, n_layer=1, n_head=2,
+                                                 d_model=32))
+    for name, value in dict(BOE_BATCH=2, BOE_PROMPT=8, BOE_BUDGET=8, BOE_CANDIDATES=8).items():
+        monkeypatch.setattr(bench, name, value)
+    timer = lambda fn, rep_ms=None: bench.cpu_median_ms(fn)  # noqa: E731
+
+    rows, checks = bench.kernel_sweep(*bench.implementations(gpu=True), [(1, 2, 40, 16)], ["1/4", "1"],
+                                      "cpu", torch.float32, timer)
+    assert len(checks) == 3 and all(check["ok"] for check in checks)
+    assert sorted(row["impl"] for row in rows) == ["flash", "torch", "torch", "triton", "triton"]
+    assert all(row[f"{kind}_ms"] > 0 for row in rows for kind in ("fwd", "bwd", "both"))
+    boe_rows = bench.boe_steps("cpu", torch.float32, timer)
+    assert [row["step"].split(",")[0] for row in boe_rows] == ["confidence step", "BoE step", "BoE step"]
+    assert all(row["ms"] > 0 for row in boe_rows)
+    assert all("memory" in error["what"] for error in bench.ERRORS)  # peak memory needs CUDA
+    bench.print_summary(rows, [40], [16], ["1/4", "1"])
+    goals = bench.goals(rows, boe_rows, checks)
+    assert all(goal["met"] is None for goal in goals[:-1])  # the kernel goals: no L = 4096 here
+    assert goals[-1]["measured"] == boe_rows[1]["x_confidence"] and goals[-1]["met"] in (True, False)

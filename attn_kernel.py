@@ -41,12 +41,12 @@ _LOG2E = 1.4426950408889634  # the kernels use exp2/log2, so logits are scaled b
 
 # --------------------------------------------------------------------------------------------------
 # Triton kernels. Each program works on one (batch, head): grid axes 1 and 2 are the head h and the
-# batch b, since CUDA caps those axes at 65535 and one axis of B*H would overflow first. b, h, bh =
-# b * H + h and the row indices are int64 before they meet a stride, so offsets past 2^31 elements
-# (a large tensor, or a view such as [L, B, H, D] permuted to [B, H, L, D]) stay exact. Every [B, H, L, D] tensor is addressed through
-# (batch, head, row) strides with unit stride along D; out, dOut, dQ, dK and dV are contiguous.
-# Accumulators and statistics are fp32, dot operands keep the input dtype. The log-sum-exp is stored
-# in base 2: lse2 = log2(sum_n exp2(s_n)).
+# batch b, since CUDA caps those axes at 65535 and one axis of B*H would overflow first. b, h,
+# bh = b * H + h and the row indices are int64 before they meet a stride, so offsets past 2^31
+# elements (a large tensor, or a view such as [L, B, H, D] permuted to [B, H, L, D]) stay exact.
+# Every [B, H, L, D] tensor is addressed through (batch, head, row) strides with unit stride along D;
+# out, dOut, dQ, dK and dV are contiguous. Accumulators and statistics are fp32, dot operands keep
+# the input dtype. The log-sum-exp is stored in base 2: lse2 = log2(sum_n exp2(s_n)).
 # --------------------------------------------------------------------------------------------------
 
 

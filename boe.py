@@ -380,8 +380,9 @@ def score_lookahead(s):
 
 def check_generate_args(model, prompts, steps, order, cfg):
     if not isinstance(prompts, torch.Tensor) or prompts.dtype != torch.long or prompts.dim() != 2:
-        raise TypeError(f"prompts must be an int64 tensor [B, L]; got "
-                        f"{getattr(prompts, 'dtype', type(prompts).__name__)} of shape {tuple(getattr(prompts, 'shape', ()))}")
+        what = getattr(prompts, "dtype", type(prompts).__name__)
+        raise TypeError(f"prompts must be an int64 tensor [B, L]; got {what} of shape "
+                        f"{tuple(getattr(prompts, 'shape', ()))}")
     if prompts.shape[1] > model.cfg.seq_len:
         raise ValueError(f"prompts have {prompts.shape[1]} positions, more than the model's seq_len "
                          f"{model.cfg.seq_len}")

@@ -189,41 +189,42 @@ def _backward_dq_kernel(
     num_heads, seq_len, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dQ of BLOCK_M gathered active rows, resident while all key blocks stream by."""
+    """dQ of BLOCK_M slots of the compact row list. Active rows: their gradient, with the rows resident
+    while all key blocks stream by. The slots past the count hold the inactive rows: zeros. So every
+    row of dQ is written exactly once, and dQ needs no zero fill beforehand."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     bh = b * num_heads + h
-    n_active = tl.load(ActiveCounts + b)
-    if pid_m * BLOCK_M >= n_active:
-        return
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
     bh_offset = bh * seq_len * HEAD_DIM
-
+    n_active = tl.load(ActiveCounts + b)
     slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot_used = slots < seq_len
     slot_valid = slots < n_active
-    rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_valid, other=0)  # [BLOCK_M]
-    q = _load_rows(q_base, rows, slot_valid, stride_ql, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
-    dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
-    lse = tl.load(Lse + bh * seq_len + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
-    delta = tl.load(Delta + bh * seq_len + slots, mask=slot_valid, other=0.0)  # [BLOCK_M]
+    rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_used, other=0)  # [BLOCK_M]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    for start_n in range(0, seq_len, BLOCK_N):
-        keys = start_n + tl.arange(0, BLOCK_N)
-        key_valid = keys < seq_len
-        k = _load_rows(k_base, keys, key_valid, stride_kl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
-        v = _load_rows(v_base, keys, key_valid, stride_vl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
-        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        p = tl.where(key_valid[None, :], tl.exp2(logits - lse[:, None]), 0.0)
-        dp = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    if pid_m * BLOCK_M < n_active:  # the block holds active rows
+        q_base = Q + b * stride_qb + h * stride_qh
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        q = _load_rows(q_base, rows, slot_valid, stride_ql, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+        dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+        lse = tl.load(Lse + bh * seq_len + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
+        delta = tl.load(Delta + bh * seq_len + slots, mask=slot_valid, other=0.0)  # [BLOCK_M]
+        for start_n in range(0, seq_len, BLOCK_N):
+            keys = start_n + tl.arange(0, BLOCK_N)
+            key_valid = keys < seq_len
+            k = _load_rows(k_base, keys, key_valid, stride_kl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+            v = _load_rows(v_base, keys, key_valid, stride_vl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+            logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            p = tl.where(key_valid[None, :], tl.exp2(logits - lse[:, None]), 0.0)
+            dp = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq = tl.where(slot_valid[:, None], dq * sm_scale, 0.0)  # inactive slots of this block: zeros
 
-    # Inactive rows keep the zeros the wrapper filled dQ with; each active row is written once.
-    _store_rows(DQ + bh_offset, rows, slot_valid, HEAD_DIM, (dq * sm_scale).to(DQ.dtype.element_ty), HEAD_DIM)
+    _store_rows(DQ + bh_offset, rows, slot_used, HEAD_DIM, dq.to(DQ.dtype.element_ty), HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,10 +277,11 @@ def _triton_forward(q, k, v, scale, block_m, block_n):
 def _triton_backward(q, k, v, out, lse, dout, active, scale, block_m, block_n, need_dq, need_dkdv):
     batch, heads, seq_len, head_dim = q.shape
     active_rows, active_counts = _compact_active_rows(active)
+    # int32 indices: compiled for an H100 (Triton 3.6), int64 ones make the dK/dV kernel spill registers.
     active_rows = active_rows.to(torch.int32)  # [B, L]: active rows first, ascending
     active_counts = active_counts.to(torch.int32)  # [B]
-    # The grids cover all L slots and programs past a sequence's count return at once: this avoids the
-    # host sync that sizing the grid by max(counts) would need.
+    # The grids cover all L slots, and programs past a sequence's count have (almost) nothing to do:
+    # this avoids the host sync that sizing the grid by max(counts) would need.
     delta = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)  # [B, H, L] by slot
     common = dict(HEAD_DIM=head_dim, **_launch_options(q))
     strides = (*_row_strides(q), *_row_strides(k), *_row_strides(v))
@@ -299,7 +301,7 @@ def _triton_backward(q, k, v, out, lse, dout, active, scale, block_m, block_n, n
             heads, seq_len, scale * _LOG2E, scale, BLOCK_M=tile_m, BLOCK_N=tile_n, **common,
         )
     if need_dq:
-        dq = torch.zeros_like(out)  # [B, H, L, D], only active rows are written
+        dq = torch.empty_like(out)  # [B, H, L, D], every row is written
         tile_m, tile_n = _tile_sizes("dq", head_dim, q.dtype, block_m, block_n)
         _backward_dq_kernel[(triton.cdiv(seq_len, tile_m), heads, batch)](
             q, k, v, dout, lse, delta, active_rows, active_counts, dq, *strides,

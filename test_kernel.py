@@ -242,6 +242,18 @@ def test_keys_shared_across_heads_and_transposed_dout(backend):
     check_against_float64(backend, problem, q, k, v, active, dout)
 
 
+def test_triton_backward_writes_every_row_of_its_uninitialised_outputs(monkeypatch):
+    # dQ, dK and dV come from torch.empty_like, unfilled: here it hands out NaN-filled memory, so a row
+    # that no kernel writes shows up as NaN (dq of inactive rows must be written as zeros).
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: empty_like(x, **kw).fill_(float("nan")))
+    problem = single(75, (("empty",), ("run", 3, 40), ("all",)), block_m=32, block_n=32)
+    q, k, v, active, dout = make_inputs(problem)
+    _, dq, dk, dv = run_backend("triton", problem, q, k, v, active, dout)
+    assert all(torch.isfinite(x).all() for x in (dq, dk, dv))
+    assert not dq.masked_select(~active[:, None, :, None]).any()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_full_active_set_gives_dense_attention_gradients(backend):
     problem = single(50, (("all",), ("all",)))

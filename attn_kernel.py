@@ -427,8 +427,8 @@ def _triton_unsupported_reason(q):
 
 
 def _torch_attention(q, k, v, active, scale):
-    if q.numel() == 0:  # no rows at all (B, H or L is 0), so none to keep out of the backward
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, H, L, D]
+    if q.numel() == 0:  # B, H or L is 0: an empty output, kept in the graph so that backward() works
+        return q + k + v  # [B, H, L, D], empty
     with torch.no_grad():
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, H, L, D], every row
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):

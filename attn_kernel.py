@@ -22,6 +22,10 @@ that the forward stores, as in FlashAttention.
 Two implementations share this contract: Triton kernels (a flash-style forward, then a backward over a
 compact sorted list of active rows: a Delta preprocess, a dK/dV kernel and a dQ kernel; no atomics, so
 results are deterministic) and a pure PyTorch path. `reference_attention` is the dense oracle.
+
+Triton is optional: where it is not installed (there are no triton wheels for macOS or Windows) the module
+still imports, backend="auto" takes the PyTorch path and backend="triton" raises an ImportError that says
+how to get it.
 """
 import contextlib
 import math
@@ -29,11 +33,19 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+HAS_TRITON = triton is not None
+TRITON_MISSING = ("backend='triton' needs the triton package, which is not installed. On Linux: pip install "
+                  "triton (a CUDA build of torch brings the matching version along). macOS and Windows have no "
+                  "triton wheels: use backend='torch', or 'auto', which takes the PyTorch path without triton")
 
 # Triton decides at decoration time whether @triton.jit functions run in its CPU interpreter.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 MAX_GRID_AXIS = 65535  # CUDA's limit on grid axes 1 and 2, which carry H and B
@@ -47,184 +59,183 @@ _LOG2E = 1.4426950408889634  # the kernels use exp2/log2, so logits are scaled b
 # Every [B, H, L, D] tensor is addressed through (batch, head, row) strides with unit stride along D;
 # out, dOut, dQ, dK and dV are contiguous. Accumulators and statistics are fp32, dot operands keep
 # the input dtype. The log-sum-exp is stored in base 2: lse2 = log2(sum_n exp2(s_n)).
+#
+# The kernels are defined only where triton imports. Stand-ins for triton.jit and tl.constexpr would
+# spare this block its indentation, but they would also make the kernels look callable where they are not.
 # --------------------------------------------------------------------------------------------------
 
+if HAS_TRITON:
 
-@triton.jit
-def _load_rows(base, rows, row_mask, stride_row, HEAD_DIM: tl.constexpr):
-    """Rows `rows` of a [L, HEAD_DIM] matrix; masked rows read as 0."""
-    cols = tl.arange(0, HEAD_DIM)
-    offsets = rows.to(tl.int64)[:, None] * stride_row + cols[None, :]  # [ROWS, HEAD_DIM]
-    return tl.load(base + offsets, mask=row_mask[:, None], other=0.0)
+    @triton.jit
+    def _load_rows(base, rows, row_mask, stride_row, HEAD_DIM: tl.constexpr):
+        """Rows `rows` of a [L, HEAD_DIM] matrix; masked rows read as 0."""
+        cols = tl.arange(0, HEAD_DIM)
+        offsets = rows.to(tl.int64)[:, None] * stride_row + cols[None, :]  # [ROWS, HEAD_DIM]
+        return tl.load(base + offsets, mask=row_mask[:, None], other=0.0)
 
+    @triton.jit
+    def _store_rows(base, rows, row_mask, stride_row, values, HEAD_DIM: tl.constexpr):
+        cols = tl.arange(0, HEAD_DIM)
+        offsets = rows.to(tl.int64)[:, None] * stride_row + cols[None, :]  # [ROWS, HEAD_DIM]
+        tl.store(base + offsets, values, mask=row_mask[:, None])
 
-@triton.jit
-def _store_rows(base, rows, row_mask, stride_row, values, HEAD_DIM: tl.constexpr):
-    cols = tl.arange(0, HEAD_DIM)
-    offsets = rows.to(tl.int64)[:, None] * stride_row + cols[None, :]  # [ROWS, HEAD_DIM]
-    tl.store(base + offsets, values, mask=row_mask[:, None])
-
-
-@triton.jit
-def _attention_forward_kernel(
-    Q, K, V, Out, Lse,
-    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-    num_heads, seq_len, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One block of BLOCK_M query rows of one (batch, head): online softmax over all key blocks."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * num_heads + h
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < seq_len
-    q = _load_rows(q_base, rows, row_valid, stride_ql, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
-
-    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the base-2 logits
-    row_sum = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(logit - row_max)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # running sum of exp2(logit - row_max) * v
-    for start_n in range(0, seq_len, BLOCK_N):
-        keys = start_n + tl.arange(0, BLOCK_N)
-        key_valid = keys < seq_len
-        k = _load_rows(k_base, keys, key_valid, stride_kl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
-        v = _load_rows(v_base, keys, key_valid, stride_vl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
-        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        # The first key block always holds key 0, so row_max is finite from then on and no row
-        # (padded rows included) ever evaluates exp2(-inf - -inf).
-        logits = tl.where(key_valid[None, :], logits, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(logits, 1))
-        p = tl.exp2(logits - new_max[:, None])  # [BLOCK_M, BLOCK_N]
-        rescale = tl.exp2(row_max - new_max)  # [BLOCK_M]
-        row_sum = row_sum * rescale + tl.sum(p, 1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        row_max = new_max
-
-    out = acc / row_sum[:, None]
-    _store_rows(Out + bh * seq_len * HEAD_DIM, rows, row_valid, HEAD_DIM,
-                out.to(Out.dtype.element_ty), HEAD_DIM)
-    tl.store(Lse + bh * seq_len + rows, row_max + tl.log2(row_sum), mask=row_valid)
-
-
-@triton.jit
-def _backward_preprocess_kernel(
-    Out, DOut, ActiveRows, ActiveCounts, Delta,
-    num_heads, seq_len,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """Delta for BLOCK_M consecutive slots of the active-row list, stored compactly by slot."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * num_heads + h
-    n_active = tl.load(ActiveCounts + b)
-    if pid_m * BLOCK_M >= n_active:  # the grid covers L slots; only the first n_active are used
-        return
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot_valid = slots < n_active
-    rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_valid, other=0)
-    bh_offset = bh * seq_len * HEAD_DIM
-    out = _load_rows(Out + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM).to(tl.float32)
-    dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM).to(tl.float32)
-    tl.store(Delta + bh * seq_len + slots, tl.sum(out * dout, 1), mask=slot_valid)
-
-
-@triton.jit
-def _backward_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, ActiveRows, ActiveCounts, DK, DV,
-    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-    num_heads, seq_len, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """dK, dV of BLOCK_N keys: the K/V tile stays resident while the gathered active rows stream by.
-
-    Works in the transposed orientation (keys x rows) so that P^T and dS^T come out of the dots directly.
-    """
-    pid_n = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * num_heads + h
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    bh_offset = bh * seq_len * HEAD_DIM
-
-    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_valid = keys < seq_len
-    k = _load_rows(k_base, keys, key_valid, stride_kl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
-    v = _load_rows(v_base, keys, key_valid, stride_vl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-
-    n_active = tl.load(ActiveCounts + b)
-    for start in range(0, n_active, BLOCK_M):
-        slots = start + tl.arange(0, BLOCK_M)
-        slot_valid = slots < n_active
-        rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_valid, other=0)  # [BLOCK_M]
-        q = _load_rows(q_base, rows, slot_valid, stride_ql, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
-        dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
-        lse = tl.load(Lse + bh * seq_len + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
-        delta = tl.load(Delta + bh * seq_len + slots, mask=slot_valid, other=0.0)
-
-        logits_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-        # Padded keys and padded slots must contribute nothing: their logits are not meaningful.
-        p_t = tl.where(key_valid[:, None] & slot_valid[None, :], tl.exp2(logits_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-
-    _store_rows(DK + bh_offset, keys, key_valid, HEAD_DIM, (dk * sm_scale).to(DK.dtype.element_ty), HEAD_DIM)
-    _store_rows(DV + bh_offset, keys, key_valid, HEAD_DIM, dv.to(DV.dtype.element_ty), HEAD_DIM)
-
-
-@triton.jit
-def _backward_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, ActiveRows, ActiveCounts, DQ,
-    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-    num_heads, seq_len, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """dQ of BLOCK_M slots of the compact row list. Active rows: their gradient, with the rows resident
-    while all key blocks stream by. The slots past the count hold the inactive rows: zeros. So every
-    row of dQ is written exactly once, and dQ needs no zero fill beforehand."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * num_heads + h
-    bh_offset = bh * seq_len * HEAD_DIM
-    n_active = tl.load(ActiveCounts + b)
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot_used = slots < seq_len
-    slot_valid = slots < n_active
-    rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_used, other=0)  # [BLOCK_M]
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
-    if pid_m * BLOCK_M < n_active:  # the block holds active rows
+    @triton.jit
+    def _attention_forward_kernel(
+        Q, K, V, Out, Lse,
+        stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+        num_heads, seq_len, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """One block of BLOCK_M query rows of one (batch, head): online softmax over all key blocks."""
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        bh = b * num_heads + h
         q_base = Q + b * stride_qb + h * stride_qh
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
-        q = _load_rows(q_base, rows, slot_valid, stride_ql, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
-        dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
-        lse = tl.load(Lse + bh * seq_len + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
-        delta = tl.load(Delta + bh * seq_len + slots, mask=slot_valid, other=0.0)  # [BLOCK_M]
+
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = rows < seq_len
+        q = _load_rows(q_base, rows, row_valid, stride_ql, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the base-2 logits
+        row_sum = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(logit - row_max)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # running sum of exp2(logit - row_max) * v
         for start_n in range(0, seq_len, BLOCK_N):
             keys = start_n + tl.arange(0, BLOCK_N)
             key_valid = keys < seq_len
             k = _load_rows(k_base, keys, key_valid, stride_kl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
             v = _load_rows(v_base, keys, key_valid, stride_vl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
             logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-            p = tl.where(key_valid[None, :], tl.exp2(logits - lse[:, None]), 0.0)
-            dp = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-        dq = tl.where(slot_valid[:, None], dq * sm_scale, 0.0)  # inactive slots of this block: zeros
+            # The first key block always holds key 0, so row_max is finite from then on and no row
+            # (padded rows included) ever evaluates exp2(-inf - -inf).
+            logits = tl.where(key_valid[None, :], logits, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(logits, 1))
+            p = tl.exp2(logits - new_max[:, None])  # [BLOCK_M, BLOCK_N]
+            rescale = tl.exp2(row_max - new_max)  # [BLOCK_M]
+            row_sum = row_sum * rescale + tl.sum(p, 1)
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            row_max = new_max
 
-    _store_rows(DQ + bh_offset, rows, slot_used, HEAD_DIM, dq.to(DQ.dtype.element_ty), HEAD_DIM)
+        out = acc / row_sum[:, None]
+        _store_rows(Out + bh * seq_len * HEAD_DIM, rows, row_valid, HEAD_DIM,
+                    out.to(Out.dtype.element_ty), HEAD_DIM)
+        tl.store(Lse + bh * seq_len + rows, row_max + tl.log2(row_sum), mask=row_valid)
+
+    @triton.jit
+    def _backward_preprocess_kernel(
+        Out, DOut, ActiveRows, ActiveCounts, Delta,
+        num_heads, seq_len,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """Delta for BLOCK_M consecutive slots of the active-row list, stored compactly by slot."""
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        bh = b * num_heads + h
+        n_active = tl.load(ActiveCounts + b)
+        if pid_m * BLOCK_M >= n_active:  # the grid covers L slots; only the first n_active are used
+            return
+        slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot_valid = slots < n_active
+        rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_valid, other=0)
+        bh_offset = bh * seq_len * HEAD_DIM
+        out = _load_rows(Out + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM).to(tl.float32)
+        dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM).to(tl.float32)
+        tl.store(Delta + bh * seq_len + slots, tl.sum(out * dout, 1), mask=slot_valid)
+
+    @triton.jit
+    def _backward_dkdv_kernel(
+        Q, K, V, DOut, Lse, Delta, ActiveRows, ActiveCounts, DK, DV,
+        stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+        num_heads, seq_len, qk_scale, sm_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """dK, dV of BLOCK_N keys: the K/V tile stays resident while the gathered active rows stream by.
+
+        Works in the transposed orientation (keys x rows) so that P^T and dS^T come out of the dots directly.
+        """
+        pid_n = tl.program_id(0)
+        h = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        bh = b * num_heads + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        bh_offset = bh * seq_len * HEAD_DIM
+
+        keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_valid = keys < seq_len
+        k = _load_rows(k_base, keys, key_valid, stride_kl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+        v = _load_rows(v_base, keys, key_valid, stride_vl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+        n_active = tl.load(ActiveCounts + b)
+        for start in range(0, n_active, BLOCK_M):
+            slots = start + tl.arange(0, BLOCK_M)
+            slot_valid = slots < n_active
+            rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_valid, other=0)  # [BLOCK_M]
+            q = _load_rows(q_base, rows, slot_valid, stride_ql, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+            dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+            lse = tl.load(Lse + bh * seq_len + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
+            delta = tl.load(Delta + bh * seq_len + slots, mask=slot_valid, other=0.0)
+
+            logits_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+            # Padded keys and padded slots must contribute nothing: their logits are not meaningful.
+            p_t = tl.where(key_valid[:, None] & slot_valid[None, :], tl.exp2(logits_t - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+
+        _store_rows(DK + bh_offset, keys, key_valid, HEAD_DIM, (dk * sm_scale).to(DK.dtype.element_ty), HEAD_DIM)
+        _store_rows(DV + bh_offset, keys, key_valid, HEAD_DIM, dv.to(DV.dtype.element_ty), HEAD_DIM)
+
+    @triton.jit
+    def _backward_dq_kernel(
+        Q, K, V, DOut, Lse, Delta, ActiveRows, ActiveCounts, DQ,
+        stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+        num_heads, seq_len, qk_scale, sm_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """dQ of BLOCK_M slots of the compact row list. Active rows: their gradient, with the rows resident
+        while all key blocks stream by. The slots past the count hold the inactive rows: zeros. So every
+        row of dQ is written exactly once, and dQ needs no zero fill beforehand."""
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        bh = b * num_heads + h
+        bh_offset = bh * seq_len * HEAD_DIM
+        n_active = tl.load(ActiveCounts + b)
+        slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot_used = slots < seq_len
+        slot_valid = slots < n_active
+        rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_used, other=0)  # [BLOCK_M]
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+        if pid_m * BLOCK_M < n_active:  # the block holds active rows
+            q_base = Q + b * stride_qb + h * stride_qh
+            k_base = K + b * stride_kb + h * stride_kh
+            v_base = V + b * stride_vb + h * stride_vh
+            q = _load_rows(q_base, rows, slot_valid, stride_ql, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+            dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+            lse = tl.load(Lse + bh * seq_len + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
+            delta = tl.load(Delta + bh * seq_len + slots, mask=slot_valid, other=0.0)  # [BLOCK_M]
+            for start_n in range(0, seq_len, BLOCK_N):
+                keys = start_n + tl.arange(0, BLOCK_N)
+                key_valid = keys < seq_len
+                k = _load_rows(k_base, keys, key_valid, stride_kl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+                v = _load_rows(v_base, keys, key_valid, stride_vl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+                logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+                p = tl.where(key_valid[None, :], tl.exp2(logits - lse[:, None]), 0.0)
+                dp = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            dq = tl.where(slot_valid[:, None], dq * sm_scale, 0.0)  # inactive slots of this block: zeros
+
+        _store_rows(DQ + bh_offset, rows, slot_used, HEAD_DIM, dq.to(DQ.dtype.element_ty), HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,12 +360,12 @@ def active_query_attention(q, k, v, active, scale=None, backend="auto", block_m=
     """Softmax attention over all rows whose backward only follows the rows where `active` is True.
 
     q, k, v: [B, H, L, D], same dtype and device; active: bool [B, L]; scale defaults to 1 / sqrt(D).
-    backend: "triton" (kernels; on CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1 set
-    before import), "torch", or "auto" (Triton for CUDA tensors, or CPU tensors when interpreted, if it
-    supports the shape and dtype; PyTorch otherwise). block_m / block_n override the Triton tile sizes
-    (query rows, keys; 16, 32, 64 or 128) in every kernel; the torch backend ignores them. The defaults
-    are tuned per kernel; on a GPU, large explicit tiles with fp32 or D = 128 can exceed shared memory,
-    which Triton reports as an out-of-resources error.
+    backend: "triton" (kernels; needs triton installed; on CPU tensors only in Triton's interpreter,
+    TRITON_INTERPRET=1 set before import), "torch", or "auto" (Triton for CUDA tensors, or CPU tensors when
+    interpreted, if triton is installed and supports the shape and dtype; PyTorch otherwise). block_m /
+    block_n override the Triton tile sizes (query rows, keys; 16, 32, 64 or 128) in every kernel; the torch
+    backend ignores them. The defaults are tuned per kernel; on a GPU, large explicit tiles with fp32 or
+    D = 128 can exceed shared memory, which Triton reports as an out-of-resources error.
     """
     _check_inputs(q, k, v, active)
     if backend not in ("auto", "triton", "torch"):
@@ -365,11 +376,13 @@ def active_query_attention(q, k, v, active, scale=None, backend="auto", block_m=
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
     if backend == "auto":
-        usable = (q.is_cuda or INTERPRETED) and _triton_unsupported_reason(q) is None
+        usable = HAS_TRITON and (q.is_cuda or INTERPRETED) and _triton_unsupported_reason(q) is None
         backend = "triton" if usable else "torch"
     if backend == "torch":
         return _torch_attention(q, k, v, active, scale)
 
+    if not HAS_TRITON:
+        raise ImportError(TRITON_MISSING)
     if not (q.is_cuda or INTERPRETED):
         raise ValueError("backend='triton' on CPU tensors needs Triton's interpreter: set the environment "
                          "variable TRITON_INTERPRET=1 before importing attn_kernel, or use backend='torch'")

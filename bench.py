@@ -33,7 +33,7 @@ asks it to do better per FLOP than flash.
 Before timing, the Triton forward is checked against a float64 reference on rows spread over every
 block (within twice flash's own error), and its gradients against the PyTorch path's; a mismatch
 prints a WARNING row. Without a GPU it runs a small CPU comparison of the PyTorch active-row path
-against dense autograd instead; those wall times say nothing about a GPU.
+against dense autograd instead (triton is not needed for it); those wall times say nothing about a GPU.
 
     python bench.py            # the full sweep and the BoE step; about 1.5 minutes expected on an H100
     python bench.py --quick    # L 1024 and 4096, rho 1/16, 1/4 and 1, and the BoE step
@@ -51,9 +51,8 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-import triton
-from triton.testing import do_bench
 
+import attn_kernel
 from attn_kernel import active_query_attention, reference_attention
 
 DEFAULTS = {  # (seq lens, head dims, active fractions) by (device type, --quick)
@@ -83,6 +82,8 @@ def attempt(label, thunk):
 
 
 def gpu_median_ms(fn, rep_ms=REP_MS):
+    from triton.testing import do_bench  # imported here: the CPU path runs without triton
+
     return do_bench(fn, warmup=WARMUP_MS, rep=rep_ms, return_mode="median")
 
 
@@ -357,6 +358,8 @@ def main():
     parser.add_argument("--json", metavar="PATH", help="write every number here")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
+    if gpu and not attn_kernel.HAS_TRITON:
+        parser.error(f"on a GPU, bench.py times the Triton kernels: {attn_kernel.TRITON_MISSING}")
     device = "cuda" if gpu else "cpu"
     seq_lens, head_dims, fractions = DEFAULTS[device, args.quick]
     seq_lens, head_dims = args.seq_lens or seq_lens, args.head_dims or head_dims
@@ -366,7 +369,8 @@ def main():
     shapes = [(max(1, TOKENS // L), max(1, WIDTH // D), L, D) if gpu else (CPU_BATCH, CPU_HEADS, L, D)
               for L in seq_lens for D in head_dims]  # (B, H, L, D)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype] if gpu else torch.float32
-    results = dict(torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+    triton_version = attn_kernel.triton.__version__ if attn_kernel.HAS_TRITON else None
+    results = dict(torch=torch.__version__, triton=triton_version, python=platform.python_version(),
                    dtype=str(dtype).removeprefix("torch."))
     if gpu:
         results.update(device=torch.cuda.get_device_name(), cuda=torch.version.cuda)

@@ -2,16 +2,44 @@
 
 Without a GPU the Triton kernels run in Triton's CPU interpreter. It reads TRITON_INTERPRET when a
 @triton.jit function is decorated, that is when attn_kernel is first imported, so it is set here,
-before any test module imports it.
+before anything imports it.
+
+Where triton is not installed (macOS, Windows), tests marked `needs_triton` skip and say so; every other
+test runs. `run_without_triton` runs code in a fresh Python in which `import triton` fails, so that the
+no-triton case is tested on machines that have it too.
 """
 import os
+import subprocess
+import sys
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import attn_kernel  # noqa: E402  (after TRITON_INTERPRET is set)
+
+needs_triton = pytest.mark.skipif(not attn_kernel.HAS_TRITON, reason="triton is not installed (no triton wheels "
+                                  "for macOS or Windows; on Linux: pip install triton)")
+
+# Setting a module's entry in sys.modules to None makes importing it raise ImportError.
+HIDE_TRITON = "import sys; sys.modules['triton'] = None\n"
+
+
+def run_without_triton(code, *args, timeout=300):
+    """Runs the Python source `code` (with sys.argv[1:] = args) in a fresh interpreter, in this folder and with
+    this process's environment, in which `import triton` raises ImportError as on a machine without triton.
+    Returns the subprocess.CompletedProcess, output captured as text.
+
+        result = run_without_triton("import attn_kernel; assert not attn_kernel.HAS_TRITON")
+        assert result.returncode == 0, result.stderr
+    """
+    return subprocess.run([sys.executable, "-c", HIDE_TRITON + code, *args], cwd=os.path.dirname(__file__),
+                          capture_output=True, text=True, timeout=timeout)
+
 
 # Hypothesis profiles: "ci" is small and repeatable (derandomized, no example database) so a CPU
 # run stays within a few minutes; "dev" explores more on a CPU; "gpu" is the long run on a GPU.

@@ -3,13 +3,12 @@
 Without a GPU the "triton" backend runs its kernels in Triton's CPU interpreter (conftest.py sets
 TRITON_INTERPRET=1 before this module imports attn_kernel), so shapes stay small. On a GPU the "gpu"
 hypothesis profile (HYPOTHESIS_PROFILE=gpu, the default there) also draws long sequences and bfloat16.
+Without triton installed the Triton tests skip, and one test checks the module without it on any machine.
 """
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
+import textwrap
 from typing import Optional
 from unittest import mock
 
@@ -20,11 +19,11 @@ from hypothesis import example, given, strategies as st
 
 import attn_kernel
 from attn_kernel import active_query_attention, reference_attention
-from conftest import WORST_RELATIVE_ERROR
+from conftest import WORST_RELATIVE_ERROR, needs_triton, run_without_triton
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-BACKENDS = ["triton", "torch"]
+BACKENDS = [pytest.param("triton", marks=needs_triton), "torch"]
 MAX_LEN = 4096 if ON_GPU else 160
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 # Explicit tile sizes are drawn on the CPU only: on a GPU every new size means another compilation.
@@ -202,6 +201,7 @@ def check_against_float64(backend, problem, q, k, v, active, dout):
             assert not dk[b].any() and not dv[b].any(), "an empty active set must give zero dk, dv"
 
 
+@needs_triton
 @pytest.mark.skipif(ON_GPU, reason="on a GPU every test already runs the GPU's tiles")
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -242,6 +242,7 @@ def test_keys_shared_across_heads_and_transposed_dout(backend):
     check_against_float64(backend, problem, q, k, v, active, dout)
 
 
+@needs_triton
 def test_triton_backward_writes_every_row_of_its_uninitialised_outputs(monkeypatch):
     # dQ, dK and dV come from torch.empty_like, unfilled: here it hands out NaN-filled memory, so a row
     # that no kernel writes shows up as NaN (dq of inactive rows must be written as zeros).
@@ -281,8 +282,9 @@ def test_gradients_only_for_inputs_that_require_them(backend, needs_grad, monkey
     q, k, v, active, dout = make_inputs(single(40, (("random", 40), ("single", 3))))
     leaves = {name: x.detach().clone().requires_grad_(name in needs_grad) for name, x in zip("qkv", (q, k, v))}
     launched = []  # names of the backward kernels that ran: none should run for a gradient nobody needs
-    for name in ("_backward_dkdv_kernel", "_backward_dq_kernel"):
-        monkeypatch.setattr(attn_kernel, name, RecordLaunches(getattr(attn_kernel, name), name, launched))
+    if backend == "triton":
+        for name in ("_backward_dkdv_kernel", "_backward_dq_kernel"):
+            monkeypatch.setattr(attn_kernel, name, RecordLaunches(getattr(attn_kernel, name), name, launched))
     out = active_query_attention(leaves["q"], leaves["k"], leaves["v"], active, backend=backend)
     expected = run_with_grads(lambda q, k, v: reference_attention(q, k, v, active), q, k, v, dout, torch.float64)
     assert_close("out", out.detach(), expected[0], 1e-4 * expected[0].norm().item())
@@ -308,6 +310,7 @@ def test_torch_backend_forward_is_bitwise_plain_attention():
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
 
 
+@needs_triton
 def test_auto_backend_picks_triton_when_it_can_and_torch_otherwise(monkeypatch):
     q, k, v, active, _ = make_inputs(single(20, (("all",), ("empty",))))
     q.requires_grad_()
@@ -320,6 +323,7 @@ def test_auto_backend_picks_triton_when_it_can_and_torch_otherwise(monkeypatch):
 
 
 @needs_gpu
+@needs_triton
 def test_backward_is_bitwise_deterministic_on_gpu():
     problem = single(3000, (("random", 25), ("run", 7, 900)), dtype=torch.float16)
     q, k, v, active, dout = make_inputs(problem)
@@ -344,7 +348,8 @@ def _bad_call(**overrides):
     (_bad_call(active=torch.ones(2, 9, dtype=torch.bool)), ValueError, r"active must have shape \[B, L\]"),
     (_bad_call(active=torch.ones(2, 8)), TypeError, "active must be a bool tensor"),
     (_bad_call(active=torch.ones(2, 8, dtype=torch.bool, device="meta")), ValueError, "active must be on the device"),
-    (_bad_call(**{x: torch.randn(2, 2, 8, 24) for x in "qkv"}), ValueError, "supports head dim D"),
+    pytest.param(_bad_call(**{x: torch.randn(2, 2, 8, 24) for x in "qkv"}), ValueError, "supports head dim D",
+                 marks=needs_triton),
     (_bad_call(**{x: torch.randn(2, 2, 8, 0) for x in "qkv"}, backend="torch"), ValueError, "head dim D >= 1"),
     (_bad_call(backend="cuda"), ValueError, "unknown backend"),
     (_bad_call(block_m=24), ValueError, "block_m must be a power of two"),
@@ -357,6 +362,7 @@ def test_bad_inputs_raise_clear_errors(call, error, match, monkeypatch):
         active_query_attention(**call)
 
 
+@needs_triton
 def test_batch_past_the_cuda_grid_limit_is_refused_by_triton_and_auto_uses_torch(monkeypatch):
     monkeypatch.setattr(attn_kernel, "INTERPRETED", True)
     batch = attn_kernel.MAX_GRID_AXIS + 1
@@ -381,6 +387,7 @@ def test_empty_batch_heads_or_length_give_empty_output_and_gradients(backend, sh
     assert all(x.grad.shape == shape for x in (q, k, v))
 
 
+@needs_triton
 def test_triton_backward_refuses_to_be_differentiated_again():
     q, k, v, active, _ = make_inputs(single(16, (("all",),)))
     q.requires_grad_()
@@ -390,30 +397,63 @@ def test_triton_backward_refuses_to_be_differentiated_again():
         dq.sum().backward()
 
 
+@needs_triton
 def test_bfloat16_is_refused_by_the_cpu_interpreter(monkeypatch):
     monkeypatch.setattr(attn_kernel, "INTERPRETED", True)
     with pytest.raises(TypeError, match="bfloat16 in Triton's CPU interpreter"):
         active_query_attention(**_bad_call(**{x: torch.randn(2, 2, 8, 16, dtype=torch.bfloat16) for x in "qkv"}))
 
 
+@needs_triton
 def test_triton_backend_on_cpu_without_interpreter_says_how_to_enable_it(monkeypatch):
     monkeypatch.setattr(attn_kernel, "INTERPRETED", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         active_query_attention(**_bad_call())
 
 
+def test_without_triton_auto_takes_the_torch_path_and_triton_backend_says_how_to_install():
+    # In a fresh Python where `import triton` fails, as on macOS or Windows. TRITON_INTERPRET is inherited
+    # as set (on a CPU, to 1): without triton it must not make "auto" choose the kernels.
+    code = textwrap.dedent("""
+        import json, sys, torch, attn_kernel
+        device = sys.argv[1]
+        generator = torch.Generator().manual_seed(0)
+        q, k, v, dout = (torch.randn(2, 2, 40, 32, generator=generator).to(device) for _ in range(4))
+        active = (torch.rand(2, 40, generator=generator) < 0.3).to(device)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = attn_kernel.active_query_attention(*leaves, active)  # backend "auto"
+        results = [out, *torch.autograd.grad(out, leaves, dout)]
+        wide = [x.double().requires_grad_() for x in (q, k, v)]
+        reference = attn_kernel.reference_attention(*wide, active)
+        expected = [reference, *torch.autograd.grad(reference, wide, dout.double())]
+        try:
+            attn_kernel.active_query_attention(q, k, v, active, backend="triton")
+            message = None
+        except ImportError as err:
+            message = str(err)
+        print(json.dumps(dict(has_triton=attn_kernel.HAS_TRITON, backward=type(out.grad_fn).__name__, message=message,
+                              errors=[((r.double() - e).norm() / e.norm()).item() for r, e in zip(results, expected)])))
+    """)
+    result = run_without_triton(code, DEVICE, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert not report["has_triton"] and report["backward"] == "AddBackward0"  # the PyTorch path's
+    assert max(report["errors"]) < 1e-5, report["errors"]  # out, dq, dk, dv against float64
+    assert "triton package, which is not installed" in report["message"] and "pip install triton" in report["message"]
+
+
 @pytest.mark.skipif(ON_GPU, reason="on a GPU bench.py runs the full benchmark; run it by hand there")
-def test_bench_cpu_path_runs_and_writes_json(tmp_path):
+def test_bench_cpu_path_runs_without_triton_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
-    result = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(out)],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = run_without_triton("import runpy; runpy.run_path('bench.py', run_name='__main__')",
+                                "--quick", "--json", str(out))
     assert result.returncode == 0, result.stderr
     assert "No CUDA GPU" in result.stdout and "0 errors, 0 failed checks" in result.stdout
     report = json.loads(out.read_text())
-    assert report["kernel"] and all(check["ok"] for check in report["checks"])
+    assert report["triton"] is None and report["kernel"] and all(check["ok"] for check in report["checks"])
 
 
+@needs_triton
 @pytest.mark.skipif(ON_GPU, reason="on a GPU bench.py runs for real; run it by hand there")
 def test_bench_gpu_code_runs_in_the_interpreter(monkeypatch):
     # bench.py's GPU code (flash baseline, Triton rows, checks, BoE step, summary, goals) on tiny sizes,

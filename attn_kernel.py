@@ -19,9 +19,12 @@ With dOut zero off A, the usual attention backward only needs the active rows j 
 which costs O(|A| L D) instead of O(L^2 D). P[A] is rebuilt from Q[A], K and the per-row log-sum-exp
 that the forward stores, as in FlashAttention.
 
-Two implementations share this contract: Triton kernels (a flash-style forward, then a backward over a
-compact sorted list of active rows: a Delta preprocess, a dK/dV kernel and a dQ kernel; no atomics, so
-results are deterministic) and a pure PyTorch path. `reference_attention` is the dense oracle.
+Two implementations share this contract: Triton kernels and a pure PyTorch path. The Triton path is a
+flash-style forward, then a backward of two launches: a prepare kernel (Delta of the active rows, and per
+sequence a compact list of its active rows, built with a prefix sum) and one backward launch whose
+programs each compute either dQ for a block of active rows or dK, dV for a block of keys. It uses no
+atomics, so its results are deterministic, and it never synchronises with the host, so it can be captured
+in a CUDA graph. `reference_attention` is the dense oracle.
 
 Triton is optional: where it is not installed (there are no triton wheels for macOS or Windows) the module
 still imports, backend="auto" takes the PyTorch path and backend="triton" raises an ImportError that says
@@ -56,9 +59,9 @@ _LOG2E = 1.4426950408889634  # the kernels use exp2/log2, so logits are scaled b
 # batch b, since CUDA caps those axes at 65535 and one axis of B*H would overflow first. b, h,
 # bh = b * H + h and the row indices are int64 before they meet a stride, so offsets past 2^31
 # elements (a large tensor, or a view such as [L, B, H, D] permuted to [B, H, L, D]) stay exact.
-# Every [B, H, L, D] tensor is addressed through (batch, head, row) strides with unit stride along D;
-# out, dOut, dQ, dK and dV are contiguous. Accumulators and statistics are fp32, dot operands keep
-# the input dtype. The log-sum-exp is stored in base 2: lse2 = log2(sum_n exp2(s_n)).
+# q, k, v and dOut are addressed through (batch, head, row) strides with unit stride along D; out, lse,
+# Delta, dQ, dK and dV are contiguous. Accumulators and statistics are fp32, dot operands keep the input
+# dtype. The log-sum-exp is stored in base 2: lse2 = log2(sum_n exp2(s_n)).
 #
 # The kernels are defined only where triton imports. Stand-ins for triton.jit and tl.constexpr would
 # spare this block its indentation, but they would also make the kernels look callable where they are not.
@@ -124,105 +127,69 @@ if HAS_TRITON:
         tl.store(Lse + bh * seq_len + rows, row_max + tl.log2(row_sum), mask=row_valid)
 
     @triton.jit
-    def _backward_preprocess_kernel(
-        Out, DOut, ActiveRows, ActiveCounts, Delta,
-        num_heads, seq_len,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    ):
-        """Delta for BLOCK_M consecutive slots of the active-row list, stored compactly by slot."""
-        pid_m = tl.program_id(0)
-        h = tl.program_id(1).to(tl.int64)
-        b = tl.program_id(2).to(tl.int64)
-        bh = b * num_heads + h
-        n_active = tl.load(ActiveCounts + b)
-        if pid_m * BLOCK_M >= n_active:  # the grid covers L slots; only the first n_active are used
-            return
-        slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        slot_valid = slots < n_active
-        rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_valid, other=0)
-        bh_offset = bh * seq_len * HEAD_DIM
-        out = _load_rows(Out + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM).to(tl.float32)
-        dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM).to(tl.float32)
-        tl.store(Delta + bh * seq_len + slots, tl.sum(out * dout, 1), mask=slot_valid)
+    def _list_active_rows(active_base, stride_al, rows_base, count_ptr, seq_len, BLOCK: tl.constexpr):
+        """Writes one sequence's active rows in ascending order to slots 0, 1, ... of rows_base and its
+        inactive rows to the slots after them (filled from slot L-1 down), and the count to count_ptr.
 
-    @triton.jit
-    def _backward_dkdv_kernel(
-        Q, K, V, DOut, Lse, Delta, ActiveRows, ActiveCounts, DK, DV,
-        stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-        num_heads, seq_len, qk_scale, sm_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ):
-        """dK, dV of BLOCK_N keys: the K/V tile stays resident while the gathered active rows stream by.
-
-        Works in the transposed orientation (keys x rows) so that P^T and dS^T come out of the dots directly.
+        One pass in blocks of BLOCK rows with a running count: row r, preceded by `before` active rows and
+        so by r - before inactive ones, goes to slot `before` if active, else to slot L-1 - (r - before).
+        A prefix sum instead of a sort; distinct slots, so the dQ programs' stores never collide.
         """
-        pid_n = tl.program_id(0)
-        h = tl.program_id(1).to(tl.int64)
-        b = tl.program_id(2).to(tl.int64)
-        bh = b * num_heads + h
-        q_base = Q + b * stride_qb + h * stride_qh
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
-        bh_offset = bh * seq_len * HEAD_DIM
-
-        keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_valid = keys < seq_len
-        k = _load_rows(k_base, keys, key_valid, stride_kl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
-        v = _load_rows(v_base, keys, key_valid, stride_vl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
-        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-
-        n_active = tl.load(ActiveCounts + b)
-        for start in range(0, n_active, BLOCK_M):
-            slots = start + tl.arange(0, BLOCK_M)
-            slot_valid = slots < n_active
-            rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_valid, other=0)  # [BLOCK_M]
-            q = _load_rows(q_base, rows, slot_valid, stride_ql, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
-            dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
-            lse = tl.load(Lse + bh * seq_len + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
-            delta = tl.load(Delta + bh * seq_len + slots, mask=slot_valid, other=0.0)
-
-            logits_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-            # Padded keys and padded slots must contribute nothing: their logits are not meaningful.
-            p_t = tl.where(key_valid[:, None] & slot_valid[None, :], tl.exp2(logits_t - lse[None, :]), 0.0)
-            dv += tl.dot(p_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-
-        _store_rows(DK + bh_offset, keys, key_valid, HEAD_DIM, (dk * sm_scale).to(DK.dtype.element_ty), HEAD_DIM)
-        _store_rows(DV + bh_offset, keys, key_valid, HEAD_DIM, dv.to(DV.dtype.element_ty), HEAD_DIM)
+        n_active = tl.full([], 0, tl.int32)
+        for start in range(0, seq_len, BLOCK):
+            rows = start + tl.arange(0, BLOCK)
+            valid = rows < seq_len
+            is_active = tl.load(active_base + rows.to(tl.int64) * stride_al, mask=valid, other=0) != 0
+            flags = is_active.to(tl.int32)  # [BLOCK]
+            before = n_active + tl.cumsum(flags, 0) - flags  # [BLOCK] active rows before each row
+            slots = tl.where(is_active, before, seq_len - 1 - (rows - before))  # [BLOCK]
+            tl.store(rows_base + slots, rows, mask=valid)
+            n_active += tl.sum(flags, 0)
+        tl.store(count_ptr, n_active)
 
     @triton.jit
-    def _backward_dq_kernel(
-        Q, K, V, DOut, Lse, Delta, ActiveRows, ActiveCounts, DQ,
-        stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-        num_heads, seq_len, qk_scale, sm_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    def _attention_backward_prepare_kernel(
+        Out, DOut, Active, Delta, ActiveRows, ActiveCounts,
+        stride_dob, stride_doh, stride_dol, stride_ab, stride_al,
+        num_heads, seq_len,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, SCAN_BLOCK: tl.constexpr,
     ):
-        """dQ of BLOCK_M slots of the compact row list. Active rows: their gradient, with the rows resident
-        while all key blocks stream by. The slots past the count hold the inactive rows: zeros. So every
-        row of dQ is written exactly once, and dQ needs no zero fill beforehand."""
+        """Two small jobs in one launch. Every program: Delta of the active rows among its BLOCK_M rows, stored
+        by row. Program (0, 0, b) also lists sequence b's active rows for the backward launch."""
         pid_m = tl.program_id(0)
         h = tl.program_id(1).to(tl.int64)
         b = tl.program_id(2).to(tl.int64)
         bh = b * num_heads + h
-        bh_offset = bh * seq_len * HEAD_DIM
-        n_active = tl.load(ActiveCounts + b)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = rows < seq_len
+        is_active = tl.load(Active + b * stride_ab + rows.to(tl.int64) * stride_al, mask=row_valid, other=0) != 0
+        out = _load_rows(Out + bh * seq_len * HEAD_DIM, rows, is_active, HEAD_DIM, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+        dout = _load_rows(DOut + b * stride_dob + h * stride_doh, rows, is_active, stride_dol, HEAD_DIM)
+        tl.store(Delta + bh * seq_len + rows, tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1), mask=is_active)
+        if (pid_m == 0) & (h == 0):
+            _list_active_rows(Active + b * stride_ab, stride_al, ActiveRows + b * seq_len, ActiveCounts + b,
+                              seq_len, SCAN_BLOCK)
+
+    @triton.jit
+    def _dq_program(
+        pid_m, q_base, k_base, v_base, do_base, lse_base, delta_base, rows_base, n_active, dq_base,
+        stride_ql, stride_kl, stride_vl, stride_dol, seq_len, qk_scale, sm_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """dQ of BLOCK_M slots of the row list. Active rows: their gradient, with the rows resident while all
+        key blocks stream by. The slots past the count hold the inactive rows: zeros. So every row of dQ is
+        written exactly once, and dQ needs no zero fill beforehand."""
         slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         slot_used = slots < seq_len
         slot_valid = slots < n_active
-        rows = tl.load(ActiveRows + b * seq_len + slots, mask=slot_used, other=0)  # [BLOCK_M]
+        rows = tl.load(rows_base + slots, mask=slot_used, other=0)  # [BLOCK_M]
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
         if pid_m * BLOCK_M < n_active:  # the block holds active rows
-            q_base = Q + b * stride_qb + h * stride_qh
-            k_base = K + b * stride_kb + h * stride_kh
-            v_base = V + b * stride_vb + h * stride_vh
             q = _load_rows(q_base, rows, slot_valid, stride_ql, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
-            dout = _load_rows(DOut + bh_offset, rows, slot_valid, HEAD_DIM, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
-            lse = tl.load(Lse + bh * seq_len + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
-            delta = tl.load(Delta + bh * seq_len + slots, mask=slot_valid, other=0.0)  # [BLOCK_M]
+            dout = _load_rows(do_base, rows, slot_valid, stride_dol, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+            lse = tl.load(lse_base + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
+            delta = tl.load(delta_base + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
             for start_n in range(0, seq_len, BLOCK_N):
                 keys = start_n + tl.arange(0, BLOCK_N)
                 key_valid = keys < seq_len
@@ -235,21 +202,98 @@ if HAS_TRITON:
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
             dq = tl.where(slot_valid[:, None], dq * sm_scale, 0.0)  # inactive slots of this block: zeros
 
-        _store_rows(DQ + bh_offset, rows, slot_used, HEAD_DIM, dq.to(DQ.dtype.element_ty), HEAD_DIM)
+        _store_rows(dq_base, rows, slot_used, HEAD_DIM, dq.to(dq_base.dtype.element_ty), HEAD_DIM)
+
+    @triton.jit
+    def _dkdv_program(
+        pid_n, q_base, k_base, v_base, do_base, lse_base, delta_base, rows_base, n_active, dk_base, dv_base,
+        stride_ql, stride_kl, stride_vl, stride_dol, seq_len, qk_scale, sm_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """dK, dV of BLOCK_N keys: the K/V tile stays resident while the listed active rows stream by.
+
+        Works in the transposed orientation (keys x rows) so that P^T and dS^T come out of the dots directly.
+        """
+        keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_valid = keys < seq_len
+        k = _load_rows(k_base, keys, key_valid, stride_kl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+        v = _load_rows(v_base, keys, key_valid, stride_vl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+        for start in range(0, n_active, BLOCK_M):
+            slots = start + tl.arange(0, BLOCK_M)
+            slot_valid = slots < n_active
+            rows = tl.load(rows_base + slots, mask=slot_valid, other=0)  # [BLOCK_M]
+            q = _load_rows(q_base, rows, slot_valid, stride_ql, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+            dout = _load_rows(do_base, rows, slot_valid, stride_dol, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+            lse = tl.load(lse_base + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
+            delta = tl.load(delta_base + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
+
+            logits_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+            # Padded keys and padded slots must contribute nothing: their logits are not meaningful.
+            p_t = tl.where(key_valid[:, None] & slot_valid[None, :], tl.exp2(logits_t - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+
+        _store_rows(dk_base, keys, key_valid, HEAD_DIM, (dk * sm_scale).to(dk_base.dtype.element_ty), HEAD_DIM)
+        _store_rows(dv_base, keys, key_valid, HEAD_DIM, dv.to(dv_base.dtype.element_ty), HEAD_DIM)
+
+    @triton.jit
+    def _attention_backward_kernel(
+        Q, K, V, DOut, Lse, Delta, ActiveRows, ActiveCounts, DQ, DK, DV,
+        stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+        stride_dob, stride_doh, stride_dol,
+        num_heads, seq_len, num_dq_programs, qk_scale, sm_scale,
+        HEAD_DIM: tl.constexpr, DQ_BLOCK_M: tl.constexpr, DQ_BLOCK_N: tl.constexpr,
+        KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """The whole backward of one (batch, head) in one launch: programs 0 .. num_dq_programs - 1 each
+        compute dQ for DQ_BLOCK_M slots of the row list, the others dK and dV for KV_BLOCK_N keys. The two
+        kinds write disjoint outputs and read only what the prepare kernel wrote, so none waits for another;
+        dQ and dK/dV each recompute QK^T and dP (seven matmuls over |A| against flash's five), the price of
+        having no atomics."""
+        pid = tl.program_id(0)
+        h = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        bh = b * num_heads + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        do_base = DOut + b * stride_dob + h * stride_doh
+        grad_offset = bh * seq_len * HEAD_DIM
+        n_active = tl.load(ActiveCounts + b)
+        if pid < num_dq_programs:
+            _dq_program(pid, q_base, k_base, v_base, do_base, Lse + bh * seq_len, Delta + bh * seq_len,
+                        ActiveRows + b * seq_len, n_active, DQ + grad_offset,
+                        stride_ql, stride_kl, stride_vl, stride_dol, seq_len, qk_scale, sm_scale,
+                        HEAD_DIM, DQ_BLOCK_M, DQ_BLOCK_N, DOT_PRECISION)
+        else:
+            _dkdv_program(pid - num_dq_programs, q_base, k_base, v_base, do_base, Lse + bh * seq_len,
+                          Delta + bh * seq_len, ActiveRows + b * seq_len, n_active, DK + grad_offset,
+                          DV + grad_offset, stride_ql, stride_kl, stride_vl, stride_dol, seq_len, qk_scale,
+                          sm_scale, HEAD_DIM, KV_BLOCK_M, KV_BLOCK_N, DOT_PRECISION)
 
 
 # --------------------------------------------------------------------------------------------------
-# Launch wrappers and the autograd Function of the Triton path.
+# Launch wrappers and the autograd Function of the Triton path. Nothing here waits for the GPU: every
+# size comes from shapes, never from tensor values.
 # --------------------------------------------------------------------------------------------------
 
 
 def _tile_sizes(kernel, head_dim, dtype, block_m, block_n):
     """(BLOCK_M query rows, BLOCK_N keys) for `kernel`; explicit block_m / block_n override both.
 
-    On a GPU the resident tile (queries in the forward and dQ kernels, keys in dK/dV) is large and the
+    On a GPU the resident tile (queries in the forward and dQ programs, keys in dK/dV) is large and the
     streamed one small, as in FlashAttention-2; fp32 halves the resident tile to fit shared memory. The
-    CPU interpreter pays per loop iteration, so it uses moderate square tiles.
+    CPU interpreter pays per loop iteration, so it uses moderate square tiles. For "prepare" it is (rows
+    per Delta program, rows per step of the row listing), which no override changes: that kernel does no
+    matmul, and a long listing step keeps its serial pass over L short on a GPU.
     """
+    if kernel == "prepare":
+        return 32, 32 if INTERPRETED else 1024
     if INTERPRETED:
         default_m, default_n = 32, 32
     else:
@@ -262,7 +306,7 @@ def _tile_sizes(kernel, head_dim, dtype, block_m, block_n):
 def _launch_options(q):
     # fp32 dots would run in TF32 on a GPU; "ieee" keeps them exact. For fp16/bf16 operands the
     # precision setting has no effect and Triton's default ("tf32") is passed. fp32 is the exact path,
-    # not the fast one: compiled for an H100 with Triton 3.6, its dK/dV kernel spills registers at D >= 32.
+    # not the fast one: compiled for an H100 with Triton 3.6, its dK/dV code spills registers at D >= 32.
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     return dict(DOT_PRECISION=dot_precision, num_warps=8 if q.shape[-1] == 128 else 4, num_stages=3)
 
@@ -287,38 +331,35 @@ def _triton_forward(q, k, v, scale, block_m, block_n):
 
 def _triton_backward(q, k, v, out, lse, dout, active, scale, block_m, block_n, need_dq, need_dkdv):
     batch, heads, seq_len, head_dim = q.shape
-    active_rows, active_counts = _compact_active_rows(active)
-    # int32 indices: compiled for an H100 (Triton 3.6), int64 ones make the dK/dV kernel spill registers.
-    active_rows = active_rows.to(torch.int32)  # [B, L]: active rows first, ascending
-    active_counts = active_counts.to(torch.int32)  # [B]
-    # The grids cover all L slots, and programs past a sequence's count have (almost) nothing to do:
-    # this avoids the host sync that sizing the grid by max(counts) would need.
-    delta = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)  # [B, H, L] by slot
-    common = dict(HEAD_DIM=head_dim, **_launch_options(q))
-    strides = (*_row_strides(q), *_row_strides(k), *_row_strides(v))
-
-    tile_m, _ = _tile_sizes("dq", head_dim, q.dtype, block_m, block_n)
-    _backward_preprocess_kernel[(triton.cdiv(seq_len, tile_m), heads, batch)](
-        out, dout, active_rows, active_counts, delta, heads, seq_len,
-        HEAD_DIM=head_dim, BLOCK_M=tile_m,
+    # Written by the prepare kernel: per sequence its active rows, ascending, then its inactive rows; and
+    # their count. int32: compiled for an H100 (Triton 3.6), int64 indices made the dK/dV code spill registers.
+    active_rows = torch.empty((batch, seq_len), dtype=torch.int32, device=q.device)  # [B, L] by slot
+    active_counts = torch.empty((batch,), dtype=torch.int32, device=q.device)  # [B]
+    delta = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)  # [B, H, L], active rows
+    rows_per_program, listing_step = _tile_sizes("prepare", head_dim, q.dtype, None, None)
+    _attention_backward_prepare_kernel[(triton.cdiv(seq_len, rows_per_program), heads, batch)](
+        out, dout, active, delta, active_rows, active_counts, *_row_strides(dout), *active.stride(),
+        heads, seq_len, HEAD_DIM=head_dim, BLOCK_M=rows_per_program, SCAN_BLOCK=listing_step, num_warps=4,
     )
-    dq = dk = dv = None
-    if need_dkdv:
-        dk = torch.empty_like(out)  # [B, H, L, D], every key row is written
-        dv = torch.empty_like(out)  # [B, H, L, D]
-        tile_m, tile_n = _tile_sizes("dkdv", head_dim, q.dtype, block_m, block_n)
-        _backward_dkdv_kernel[(triton.cdiv(seq_len, tile_n), heads, batch)](
-            q, k, v, dout, lse, delta, active_rows, active_counts, dk, dv, *strides,
-            heads, seq_len, scale * _LOG2E, scale, BLOCK_M=tile_m, BLOCK_N=tile_n, **common,
-        )
-    if need_dq:
-        dq = torch.empty_like(out)  # [B, H, L, D], every row is written
-        tile_m, tile_n = _tile_sizes("dq", head_dim, q.dtype, block_m, block_n)
-        _backward_dq_kernel[(triton.cdiv(seq_len, tile_m), heads, batch)](
-            q, k, v, dout, lse, delta, active_rows, active_counts, dq, *strides,
-            heads, seq_len, scale * _LOG2E, scale, BLOCK_M=tile_m, BLOCK_N=tile_n, **common,
-        )
-    return dq, dk, dv
+
+    dq_m, dq_n = _tile_sizes("dq", head_dim, q.dtype, block_m, block_n)
+    kv_m, kv_n = _tile_sizes("dkdv", head_dim, q.dtype, block_m, block_n)
+    # The grid covers all L slots: sizing it by max(counts) would need a host sync. dQ programs past a
+    # sequence's count only write the zeros of its inactive rows; dK/dV programs loop over the count.
+    dq_programs = triton.cdiv(seq_len, dq_m) if need_dq else 0
+    kv_programs = triton.cdiv(seq_len, kv_n) if need_dkdv else 0
+    # Every row of dQ and every key row of dK, dV is written: no zero fill. A gradient nobody needs gets no
+    # programs, and an empty tensor stands in for it.
+    dq = torch.empty_like(out) if need_dq else out.new_empty(0)  # [B, H, L, D]
+    dk = torch.empty_like(out) if need_dkdv else out.new_empty(0)  # [B, H, L, D]
+    dv = torch.empty_like(out) if need_dkdv else out.new_empty(0)  # [B, H, L, D]
+    _attention_backward_kernel[(dq_programs + kv_programs, heads, batch)](
+        q, k, v, dout, lse, delta, active_rows, active_counts, dq, dk, dv,
+        *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(dout),
+        heads, seq_len, dq_programs, scale * _LOG2E, scale,
+        HEAD_DIM=head_dim, DQ_BLOCK_M=dq_m, DQ_BLOCK_N=dq_n, KV_BLOCK_M=kv_m, KV_BLOCK_N=kv_n, **_launch_options(q),
+    )
+    return (dq if need_dq else None), (dk if need_dkdv else None), (dv if need_dkdv else None)
 
 
 def _on_device_of(x):
@@ -340,20 +381,11 @@ class _ActiveQueryAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, active = ctx.saved_tensors
         need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
-        # The kernels index dOut like out; autograd almost always hands over a contiguous tensor already.
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()  # any layout with unit stride along D
         with _on_device_of(q):
-            dq, dk, dv = _triton_backward(q, k, v, out, lse, dout.contiguous(), active, *ctx.settings,
+            dq, dk, dv = _triton_backward(q, k, v, out, lse, dout, active, *ctx.settings,
                                           need_dq=need_dq, need_dkdv=need_dk or need_dv)
         return dq, dk if need_dk else None, dv if need_dv else None, None, None, None, None
-
-
-def _compact_active_rows(active):
-    """Per sequence, the active row indices in ascending order followed by the inactive ones; and counts.
-
-    A stable sort on the key "row is inactive" yields this without nonzero(), which would sync the host.
-    """
-    rows = torch.argsort((~active).to(torch.uint8), dim=1, stable=True)  # [B, L]
-    return rows, active.sum(dim=1)  # [B, L], [B]
 
 
 def active_query_attention(q, k, v, active, scale=None, backend="auto", block_m=None, block_n=None):
@@ -363,9 +395,9 @@ def active_query_attention(q, k, v, active, scale=None, backend="auto", block_m=
     backend: "triton" (kernels; needs triton installed; on CPU tensors only in Triton's interpreter,
     TRITON_INTERPRET=1 set before import), "torch", or "auto" (Triton for CUDA tensors, or CPU tensors when
     interpreted, if triton is installed and supports the shape and dtype; PyTorch otherwise). block_m /
-    block_n override the Triton tile sizes (query rows, keys; 16, 32, 64 or 128) in every kernel; the torch
-    backend ignores them. The defaults are tuned per kernel; on a GPU, large explicit tiles with fp32 or
-    D = 128 can exceed shared memory, which Triton reports as an out-of-resources error.
+    block_n override the Triton tile sizes (query rows, keys; 16, 32, 64 or 128) of the forward and backward
+    launches; the torch backend ignores them. The defaults are tuned per kernel; on a GPU, large explicit
+    tiles with fp32 or D = 128 can exceed shared memory, which Triton reports as an out-of-resources error.
     """
     _check_inputs(q, k, v, active)
     if backend not in ("auto", "triton", "torch"):
@@ -448,9 +480,12 @@ def _torch_attention(q, k, v, active, scale):
         return out
 
     batch, heads, seq_len, head_dim = q.shape
-    rows, counts = _compact_active_rows(active)  # [B, L], [B]
-    # Gathering needs a static width, so this path syncs the host once for max(counts). At least one
-    # slot keeps the graph connected (with all-zero gradients) when no row is active.
+    # Per sequence, the active rows in ascending order, then the inactive ones: a stable sort on "row is
+    # inactive". Gathering needs a static width, so this path syncs the host once for max(counts) (the
+    # Triton path never does). At least one slot keeps the graph connected (with all-zero gradients) when
+    # no row is active.
+    rows = torch.argsort((~active).to(torch.uint8), dim=1, stable=True)  # [B, L]
+    counts = active.sum(dim=1)  # [B]
     width = max(int(counts.max()), 1)
     slots = torch.arange(width, device=q.device)
     # Padding slots point at row L, an extra zero row of q whose output lands in a dump row.

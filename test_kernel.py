@@ -232,9 +232,25 @@ def test_offsets_past_2_to_the_31_elements_are_exact(backend):
     check_against_float64(backend, problem, q, k, v, active, dout)
 
 
+class RecordLaunches:
+    """Stands in for a @triton.jit kernel: notes each launch's (name, grid, arguments) in `log`, then launches it."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def record_and_launch(*args, **kwargs):
+            self.log.append((self.name, grid, args))
+            return launch(*args, **kwargs)
+        return record_and_launch
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_keys_shared_across_heads_and_transposed_dout(backend):
-    # k and v expanded over heads (stride 0, as in multi-query attention); dOut not contiguous.
+    # k and v expanded over heads (stride 0, as in multi-query attention); dOut not contiguous along D, so
+    # the Triton path has to copy it.
     problem = single(45, (("random", 40), ("strided", 2, 5)))
     q, k, v, active, dout = make_inputs(problem)
     k, v = (x[:, :1].expand(x.shape) for x in (k, v))  # [B, H, L, D], stride 0 along H
@@ -243,16 +259,39 @@ def test_keys_shared_across_heads_and_transposed_dout(backend):
 
 
 @needs_triton
-def test_triton_backward_writes_every_row_of_its_uninitialised_outputs(monkeypatch):
-    # dQ, dK and dV come from torch.empty_like, unfilled: here it hands out NaN-filled memory, so a row
-    # that no kernel writes shows up as NaN (dq of inactive rows must be written as zeros).
-    empty_like = torch.empty_like
-    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: empty_like(x, **kw).fill_(float("nan")))
+def test_triton_backward_reads_a_strided_dout_in_place(monkeypatch):
+    # A dOut with unit stride along D but heads interleaved, inside a NaN-padded buffer: the kernels take it
+    # through its strides, without a copy, and read nothing outside it.
+    problem = single(45, (("random", 40), ("run", 3, 20)))
+    q, k, v, active, _ = make_inputs(problem)
+    dout = nan_padded_view(q.shape, q.dtype, torch.Generator().manual_seed(1))  # [B, H, L, D], not contiguous
+    launched = []
+    monkeypatch.setattr(attn_kernel, "_attention_backward_kernel",
+                        RecordLaunches(attn_kernel._attention_backward_kernel, "backward", launched))
+    check_against_float64("triton", problem, q, k, v, active, dout)
+    (_, _, args), = launched
+    assert args[3].data_ptr() == dout.data_ptr() and args[3].stride() == dout.stride()
+
+
+@needs_triton
+def test_triton_path_writes_every_row_and_reads_only_what_it_wrote(monkeypatch):
+    # Every buffer the Triton path allocates (out, lse, the row list and its counts, Delta, dQ, dK, dV) comes
+    # unfilled from torch.empty or torch.empty_like. Here those hand out NaN (floats) and -1 (integers), so a
+    # row that no kernel writes, or a read of an entry that no kernel wrote, shows up as NaN or as a wrong
+    # gradient (a row index of -1 reads the NaN padding before q, k, v and dOut).
+    def with_garbage(allocate):
+        def allocate_garbage(*args, **kwargs):
+            x = allocate(*args, **kwargs)
+            return x.fill_(float("nan") if x.is_floating_point() else -1)
+        return allocate_garbage
+
     problem = single(75, (("empty",), ("run", 3, 40), ("all",)), block_m=32, block_n=32)
-    q, k, v, active, dout = make_inputs(problem)
-    _, dq, dk, dv = run_backend("triton", problem, q, k, v, active, dout)
-    assert all(torch.isfinite(x).all() for x in (dq, dk, dv))
-    assert not dq.masked_select(~active[:, None, :, None]).any()
+    q, k, v, active, _ = make_inputs(problem)
+    dout = nan_padded_view(q.shape, q.dtype, torch.Generator().manual_seed(1))  # [B, H, L, D]
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "empty", with_garbage(torch.empty))
+        patch.setattr(torch, "empty_like", with_garbage(torch.empty_like))
+        check_against_float64("triton", problem, q, k, v, active, dout)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -265,25 +304,15 @@ def test_full_active_set_gives_dense_attention_gradients(backend):
         assert_close(name, actual, expected.double(), 1e-4 * expected.norm().item())
 
 
-class RecordLaunches:
-    """Stands in for a @triton.jit kernel: launches it and notes its name in `log`."""
-
-    def __init__(self, kernel, name, log):
-        self.kernel, self.name, self.log = kernel, name, log
-
-    def __getitem__(self, grid):
-        self.log.append(self.name)
-        return self.kernel[grid]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("needs_grad", ["q", "kv", "v", ""])
 def test_gradients_only_for_inputs_that_require_them(backend, needs_grad, monkeypatch):
-    q, k, v, active, dout = make_inputs(single(40, (("random", 40), ("single", 3))))
+    seq_len = 40
+    q, k, v, active, dout = make_inputs(single(seq_len, (("random", 40), ("single", 3))))
     leaves = {name: x.detach().clone().requires_grad_(name in needs_grad) for name, x in zip("qkv", (q, k, v))}
-    launched = []  # names of the backward kernels that ran: none should run for a gradient nobody needs
+    launched = []  # the Triton backward's launches: (name, grid, arguments)
     if backend == "triton":
-        for name in ("_backward_dkdv_kernel", "_backward_dq_kernel"):
+        for name in ("_attention_backward_prepare_kernel", "_attention_backward_kernel"):
             monkeypatch.setattr(attn_kernel, name, RecordLaunches(getattr(attn_kernel, name), name, launched))
     out = active_query_attention(leaves["q"], leaves["k"], leaves["v"], active, backend=backend)
     expected = run_with_grads(lambda q, k, v: reference_attention(q, k, v, active), q, k, v, dout, torch.float64)
@@ -293,8 +322,14 @@ def test_gradients_only_for_inputs_that_require_them(backend, needs_grad, monkey
         return
     out.backward(dout)
     if backend == "triton":
-        assert sorted(launched) == ["_backward_dkdv_kernel"] * bool({"k", "v"} & set(needs_grad)) + [
-            "_backward_dq_kernel"] * ("q" in needs_grad)
+        # Two launches, the second with a dQ program per block of rows only if q needs a gradient and a
+        # dK/dV program per block of keys only if k or v does.
+        dq_rows, _ = attn_kernel._tile_sizes("dq", q.shape[-1], q.dtype, None, None)
+        _, kv_keys = attn_kernel._tile_sizes("dkdv", q.shape[-1], q.dtype, None, None)
+        programs = (math.ceil(seq_len / dq_rows) * ("q" in needs_grad)
+                    + math.ceil(seq_len / kv_keys) * bool({"k", "v"} & set(needs_grad)))
+        assert [name for name, _, _ in launched] == ["_attention_backward_prepare_kernel", "_attention_backward_kernel"]
+        assert launched[1][1][0] == programs
     for name, reference in zip("qkv", expected[1:]):
         grad = leaves[name].grad
         if name in needs_grad:
@@ -330,6 +365,38 @@ def test_backward_is_bitwise_deterministic_on_gpu():
     first, second = (run_backend("triton", problem, q, k, v, active, dout) for _ in range(2))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@needs_gpu
+@needs_triton
+def test_forward_and_backward_replayed_from_a_cuda_graph_match_eager():
+    # Capturing fails on any host synchronisation, so this also shows that the Triton path has none.
+    problem = single(300, (("random", 25), ("run", 7, 90)), dtype=torch.float16)
+    q, k, v, active, dout = make_inputs(problem)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]  # [B, H, L, D] each, static
+    active, dout = active.clone(), dout.clone()  # static too
+
+    def step():
+        out = active_query_attention(*leaves, active, backend="triton")
+        return (out.detach(), *torch.autograd.grad(out, leaves, dout))
+
+    side = torch.cuda.Stream()  # warm up (compile) outside the capture, on a side stream, as CUDA graphs ask
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+
+    # New values and a new active set, written into the captured inputs: the replay must compute with them.
+    new = make_inputs(dataclasses.replace(problem, patterns=(("strided", 1, 3), ("all",)), seed=1))
+    with torch.no_grad():
+        for static, value in zip((*leaves, active, dout), new):
+            static.copy_(value)
+    graph.replay()
+    for replayed, eager in zip(captured, step()):
+        assert torch.equal(replayed, eager)
 
 
 def _bad_call(**overrides):

@@ -1,63 +1,74 @@
 """Benchmark of ActiveQueryAttention (attn_kernel.py) and of one BoE sampler step (boe.py).
 
 On one CUDA GPU it measures:
-  1. Kernel. For each sequence length L, head dim D and active fraction rho: forward, backward and
-     both, of active_query_attention with the Triton kernels (backend="triton") and with the
-     pure-PyTorch active-row path (backend="torch"), next to dense torch SDPA with the flash backend
-     pinned (what one would use instead). Sizes follow FlashAttention-2's benchmark, B*L = 16k tokens
-     and H*D = 2048, so B = 16384 // L and H = 2048 // D. Inputs and dOut are random normal; the
-     active set is round(rho * L) random rows per sequence.
-  2. BoE step. One confidence step (a predict forward + score_confidence) against one BoE step (a
-     predict forward + score_boe: a surrogate forward and one backward), with the Triton sparse
-     backward and with a dense backward, on a 12-layer, d_model 768 model with random weights (L 1024,
-     batch 8, budget 32 reveals, 64 candidates, probes capped at rho = 1/4: 320 active rows); and the
-     peak memory of each (torch.cuda.max_memory_allocated, reset before each).
+  1. Kernel. For each sequence length L, head dim D and active fraction rho, three timings of each
+     implementation: "both", a forward with inputs that require grad and then one backward (what a BoE
+     step runs in every attention layer); "fwd", the forward alone; "bwd", the backward alone. They are
+       flash   dense SDPA, flash backend pinned: the baseline of every speed-up
+       cudnn   dense SDPA, cuDNN backend pinned, where this GPU and PyTorch build have it
+       triton  active_query_attention(backend="triton"): the Triton kernels
+       torch   active_query_attention(backend="torch"), the PyTorch active-row path, its SDPA calls
+               pinned to flash
+     Sizes follow FlashAttention-2's benchmark, B*L = 16k tokens and H*D = 2048, so B = 16384 // L and
+     H = 2048 // D. Inputs and dOut are random normal; the active set is round(rho * L) random rows per
+     sequence. The kernels one forward + backward of each implementation launched are listed once
+     (torch.profiler), so a reader sees which kernels the rows time.
+  2. BoE step. One confidence step against one BoE step with the Triton sparse backward and one with a
+     dense backward, on a 12-layer, d_model 768 model with random weights (L 1024, batch 8): time, peak
+     memory (torch.cuda.max_memory_allocated, reset before each) and the share of the step's time spent
+     in attention kernels (torch.profiler), beside the time in all GPU kernels.
 
-Timing: every number is the median of triton.testing.do_bench (CUDA events, after warm-up, L2
-flushed before each run). Its budget is 100 ms per measurement, so at L >= 8192 a median holds only
-a few runs; at L = 1024 and small rho the sparse backward is bound by launches and host work, well
-short of its ideal L/|A|. The BoE-step times are end to end, host work included. "fwd" runs with
-inputs that require grad (the forward a backward follows); "bwd" calls torch.autograd.grad(out,
+The headline is the fwd+bwd speed-up, flash's fwd+bwd time / fwd+bwd time, beside its ideal
+14L / (4L + 10|A|): the credited FLOPs below of a dense fwd+bwd against a sparse one. The backward-only
+speed-up, beside its ideal L/|A|, is a diagnostic.
+
+Timing: triton.testing.do_bench (CUDA events, after warm-up, L2 flushed before each run) with a budget of
+100 ms per measurement (300 ms per BoE step), so at L = 8192 a measurement holds only a few runs. Its
+min, median and max are kept; every ratio uses the median. "bwd" calls torch.autograd.grad(out,
 (q, k, v), dOut, retain_graph=True) repeatedly on one saved graph, which isolates the backward better
-than subtracting two noisy times; "both" is a fresh forward + backward.
+than subtracting two noisy times. BoE-step times are end to end, host work included.
 
-FLOPs (a multiply-add counts 2): dense forward 4*B*H*L*L*D (QK^T and PV); dense backward 2.5x that,
-10*B*H*L*L*D (five matmuls: recompute QK^T, dV, dP, dQ, dK), FlashAttention's convention. A sparse
-backward is credited only with what it must do, the same five matmuls over the |A| active rows:
-10*B*H*|A|*L*D. The backward speed-up is dense flash backward time / backward time, beside its
-ideal L/|A|. The Triton backward in fact runs seven matmuls over |A|: without atomics, its dK/dV and
-dQ kernels each recompute QK^T and dP, where FlashAttention-2 accumulates dQ atomically and runs five.
-At flash's efficiency per FLOP its speed-up would be 5L/(7|A|), 2.9x at rho = 1/4, so the 3x goal
-asks it to do better per FLOP than flash.
+FLOPs (a multiply-add counts 2; one matmul of r query rows against L keys is 2 r L D per head):
+  credited, what the function needs ("TF cred"): the forward, 2 matmuls over all L rows, 4 L^2 D; the
+  backward, 5 matmuls over the |A| active rows (recompute QK^T, dV, dP, dQ, dK), 10 |A| L D
+  (FlashAttention's convention; a dense backward's |A| is L).
+  executed, what each path really computes ("TF exec"): flash and cuDNN as credited. The Triton backward
+  runs 7 matmuls over |A|: without atomics its dQ and dK/dV programs each recompute QK^T and dP. The
+  PyTorch path's forward adds a second forward over the |A| rows (2 matmuls, the graph its backward
+  follows) to the full one; its backward is flash's over |A| rows.
 
 Before timing, the Triton forward is checked against a float64 reference on rows spread over every
 block (within twice flash's own error), and its gradients against the PyTorch path's; a mismatch
-prints a WARNING row. Without a GPU it runs a small CPU comparison of the PyTorch active-row path
-against dense autograd instead (triton is not needed for it); those wall times say nothing about a GPU.
+prints a WARNING row, and a size whose check failed counts for no goal. Without a GPU it runs a small
+CPU comparison of the PyTorch active-row path against dense autograd instead (triton is not needed for
+it); those wall times say nothing about a GPU.
 
-    python bench.py            # the full sweep and the BoE step; about 1.5 minutes expected on an H100
-    python bench.py --quick    # L 1024 and 4096, rho 1/16, 1/4 and 1, and the BoE step
+    python bench.py            # the default sweep and the BoE step; estimated 2 minutes on an H100 (not yet run)
+    python bench.py --quick    # L 2048 and 4096, rho 1/16, 1/4 and 1/2 (every goal's size), the BoE step
     python bench.py --json results.json --dtype fp16 --seq-lens 4096 --head-dims 64 --fractions 1/4
 """
 import argparse
 import json
 import math
 import platform
+import re
 import statistics
 import time
-from dataclasses import fields, replace
+import warnings
+from dataclasses import dataclass, fields, replace
 from fractions import Fraction
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
 
 import attn_kernel
 from attn_kernel import active_query_attention, reference_attention
 
 DEFAULTS = {  # (seq lens, head dims, active fractions) by (device type, --quick)
-    ("cuda", False): ((1024, 2048, 4096, 8192, 16384), (64, 128), ("1/16", "1/8", "1/4", "1/2", "1")),
-    ("cuda", True): ((1024, 4096), (64, 128), ("1/16", "1/4", "1")),
+    ("cuda", False): ((1024, 2048, 4096, 8192), (64, 128), ("1/16", "1/8", "1/4", "1/2", "1")),
+    ("cuda", True): ((2048, 4096), (64, 128), ("1/16", "1/4", "1/2")),
     ("cpu", False): ((256, 512, 1024), (64,), ("1/8", "1/2")),
     ("cpu", True): ((256, 512), (64,), ("1/8", "1/2")),
 }
@@ -67,7 +78,25 @@ WARMUP_MS, REP_MS = 25, 100  # do_bench budgets per measurement (BoE steps get 3
 GRAD_TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-4}  # max error / max |grad|
 BOE_MODEL = dict(vocab_size=8192, mask_id=8191, seq_len=1024, n_layer=12, n_head=12, d_model=768)
 BOE_BATCH, BOE_PROMPT, BOE_BUDGET, BOE_CANDIDATES, BOE_RHO = 8, 32, 32, 64, 0.25
+BOE_GOAL_STEP = "BoE step, Triton sparse backward"  # the step the BoE-step goal measures
+# A kernel or op is counted as attention if its name holds one of these: the Triton kernels here
+# (_attention_*), flash (pytorch_flash::flash_*), cuDNN (*_sdpa_*), memory-efficient (fmha_*), and on a CPU
+# aten::scaled_dot_product_attention and the interpreted kernels' _ActiveQueryAttention.
+ATTENTION_NAMES = ("attention", "flash", "fmha", "sdpa")
 ERRORS = []  # every failed measurement, for --json
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation under test."""
+    attn: object  # attn(q, k, v, active) -> out [B, H, L, D]
+    sparse: bool  # its backward follows only the active rows
+    # The matmuls it executes: (forward over all L rows, forward over the |A| active rows, backward over
+    # the |A| active rows), where a dense backward's active rows are all L.
+    matmuls: tuple
+
+
+CREDITED = (2, 0, 5)  # the matmuls every implementation is credited with (see the FLOPs above)
 
 
 def attempt(label, thunk):
@@ -81,38 +110,81 @@ def attempt(label, thunk):
         return None
 
 
-def gpu_median_ms(fn, rep_ms=REP_MS):
+def gpu_times_ms(fn, rep_ms=REP_MS):
+    """The time of every run of fn in ms, from triton.testing.do_bench."""
     from triton.testing import do_bench  # imported here: the CPU path runs without triton
 
-    return do_bench(fn, warmup=WARMUP_MS, rep=rep_ms, return_mode="median")
+    return do_bench(fn, warmup=WARMUP_MS, rep=rep_ms, return_mode="all")
 
 
-def cpu_median_ms(fn):
-    fn()  # warm-up
+def cpu_times_ms(fn, rep_ms=REP_MS):
+    """The wall time of CPU_RUNS runs of fn in ms, after one warm-up. rep_ms, do_bench's budget, is taken
+    so that the two timers are interchangeable, and ignored."""
+    fn()
     times = []
     for _ in range(CPU_RUNS):
         start = time.perf_counter()
         fn()
         times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+    return times
 
 
-def implementations(gpu):
-    """(impls, candidate, reference): impls maps a name to (attn(q, k, v, active), sparse backward?),
-    the dense baseline first; the checks put `candidate` on trial, and its gradients must match
+def spread(times):
+    """Median, min and max of run times (ms), and the number of runs; all None for a failed measurement."""
+    if not times:
+        return dict(ms=None, ms_min=None, ms_max=None, runs=0)
+    return dict(ms=statistics.median(times), ms_min=min(times), ms_max=max(times), runs=len(times))
+
+
+def ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def implementations(gpu, device, dtype):
+    """(impls, candidate, reference): impls maps a name to an Impl, dense baselines first (the first is
+    the baseline of every speed-up); the checks put `candidate` on trial, and its gradients must match
     `reference`'s."""
     torch_path = partial(active_query_attention, backend="torch")
+    dense = lambda q, k, v, active: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
     if not gpu:
-        return {"sdpa": (lambda q, k, v, active: F.scaled_dot_product_attention(q, k, v), False),
-                "reference": (reference_attention, False), "torch": (torch_path, True)}, "torch", "reference"
+        return {"sdpa": Impl(dense, False, (2, 0, 5)), "reference": Impl(reference_attention, False, (2, 0, 4)),
+                "torch": Impl(torch_path, True, (2, 2, 5))}, "torch", "reference"
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def flash(q, k, v, active):
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v)  # [B, H, L, D]
+    def pinned(backend, attn):
+        def run(q, k, v, active):
+            with sdpa_kernel(backend):
+                return attn(q, k, v, active)
+        return run
 
-    return {"flash": (flash, False), "triton": (partial(active_query_attention, backend="triton"), True),
-            "torch": (torch_path, True)}, "triton", "torch"
+    impls = {"flash": Impl(pinned(SDPBackend.FLASH_ATTENTION, dense), False, (2, 0, 5))}
+    cudnn = pinned(SDPBackend.CUDNN_ATTENTION, dense)
+    missing = unavailable(cudnn, device, dtype)
+    if missing is None:
+        impls["cudnn"] = Impl(cudnn, False, (2, 0, 5))
+    else:
+        print(f"cuDNN attention is not available here, so no cudnn rows: {missing}", flush=True)
+    impls["triton"] = Impl(partial(active_query_attention, backend="triton"), True, (2, 0, 7))
+    impls["torch"] = Impl(pinned(SDPBackend.FLASH_ATTENTION, torch_path), True, (2, 2, 5))
+    return impls, "triton", "torch"
+
+
+def unavailable(attn, device, dtype):
+    """None if attn runs a small forward and backward here, else why not (the first line of its error)."""
+    q = torch.randn(1, 1, 128, 64, device=device, dtype=dtype, requires_grad=True)  # [B, H, L, D]
+    try:
+        with warnings.catch_warnings():  # SDPA warns about each backend it cannot use, then raises
+            warnings.simplefilter("ignore")
+            torch.autograd.grad(attn(q, q, q, None), q, torch.ones_like(q))
+        return None
+    except RuntimeError as err:
+        return (str(err).strip().splitlines() or [""])[0][:200]
+
+
+def random_inputs(shape, device, dtype):
+    """q, k, v (requiring grad) and dOut, random normal: [B, H, L, D] each."""
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    return q, k, v, torch.randn(shape, device=device, dtype=dtype)
 
 
 def random_active(batch, seq_len, rho, device):
@@ -148,35 +220,48 @@ def check_gradients(candidate, baseline, q, k, v, dout, active, label):
     return dict(check="gradients", what=label, error=error, ok=ok)
 
 
-def measure(name, attn, q, k, v, dout, active, rho, timer):
-    """One row: fwd, bwd (autograd.grad on one retained graph) and both, in ms and TFLOP/s."""
+def flops(matmuls, batch, heads, seq_len, head_dim, n_active):
+    """FLOPs of fwd, bwd and both for `matmuls` (as in Impl.matmuls)."""
+    full, forward_active, backward_active = matmuls
+    per_row = 2 * batch * heads * seq_len * head_dim  # one matmul, per query row
+    fwd = per_row * (full * seq_len + forward_active * n_active)
+    bwd = per_row * backward_active * n_active
+    return dict(fwd=fwd, bwd=bwd, both=fwd + bwd)
+
+
+def measure(name, impl, q, k, v, dout, active, rho, timer):
+    """One row: fwd, bwd (autograd.grad on one retained graph) and both, each in ms (median, min, max)
+    and in credited and executed TFLOP/s (at the median)."""
     batch, heads, seq_len, head_dim = q.shape
     n_active = int(active.sum(1).max())  # rows per sequence (all sequences have the same count)
     label = f"{name} L={seq_len} D={head_dim} rho={rho}"
+    attn = impl.attn
 
     def backward_only():
         out = attn(q, k, v, active)  # [B, H, L, D]; its graph is kept for every timed backward
         return timer(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
 
-    ms = {"fwd": attempt(f"{label} fwd", lambda: timer(lambda: attn(q, k, v, active))),
-          "bwd": attempt(f"{label} bwd", backward_only),
-          "both": attempt(f"{label} both", lambda: timer(lambda: torch.autograd.grad(
-              attn(q, k, v, active), (q, k, v), dout)))}
-    flops = {"fwd": 4 * batch * heads * seq_len * seq_len * head_dim,
-             "bwd": 10 * batch * heads * n_active * seq_len * head_dim}
-    flops["both"] = flops["fwd"] + flops["bwd"]
+    times = {"fwd": attempt(f"{label} fwd", lambda: timer(lambda: attn(q, k, v, active))),
+             "bwd": attempt(f"{label} bwd", backward_only),
+             "both": attempt(f"{label} both", lambda: timer(lambda: torch.autograd.grad(
+                 attn(q, k, v, active), (q, k, v), dout)))}
+    credited = flops(CREDITED, batch, heads, seq_len, head_dim, n_active)
+    executed = flops(impl.matmuls, batch, heads, seq_len, head_dim, n_active)
     row = dict(impl=name, L=seq_len, D=head_dim, B=batch, H=heads, rho=rho, n_active=n_active)
-    for kind in ms:
-        row[f"{kind}_ms"] = ms[kind]
-        row[f"{kind}_tflops"] = None if ms[kind] is None else flops[kind] / ms[kind] / 1e9
+    for kind, kind_times in times.items():
+        row.update({f"{kind}_{key}": value for key, value in spread(kind_times).items()})  # fwd_ms, fwd_ms_min, ...
+        row[f"{kind}_tflops"] = ratio(credited[kind] / 1e9, row[f"{kind}_ms"])
+        row[f"{kind}_tflops_executed"] = ratio(executed[kind] / 1e9, row[f"{kind}_ms"])
     return row
 
 
 COLUMNS = [  # (key, title, width, format) of a kernel row
-    ("impl", "impl", 10, "s"), ("L", "L", 6, "d"), ("D", "D", 5, "d"), ("B", "B", 4, "d"), ("H", "H", 4, "d"),
-    ("rho", "rho", 7, "s"), ("n_active", "|A|", 7, "d"), ("fwd_ms", "fwd ms", 9, ".3f"),
-    ("bwd_ms", "bwd ms", 9, ".3f"), ("both_ms", "both ms", 9, ".3f"), ("fwd_tflops", "fwd TF", 9, ".3g"),
-    ("bwd_tflops", "bwd TF", 9, ".3g"), ("bwd_speedup", "bwd x", 8, ".2f"), ("ideal", "ideal", 7, ".1f")]
+    ("impl", "impl", 10, "s"), ("L", "L", 6, "d"), ("D", "D", 5, "d"), ("rho", "rho", 6, "s"),
+    ("n_active", "|A|", 6, "d"), ("both_ms", "both ms", 9, ".3f"), ("both_ms_min", "min", 8, ".3f"),
+    ("both_ms_max", "max", 8, ".3f"), ("both_speedup", "x", 7, ".2f"), ("both_ideal", "ideal", 6, ".2f"),
+    ("both_tflops", "TF cred", 9, ".3g"), ("both_tflops_executed", "TF exec", 9, ".3g"),
+    ("fwd_ms", "fwd ms", 8, ".3f"), ("fwd_ratio", "/base", 7, ".2f"), ("bwd_ms", "bwd ms", 8, ".3f"),
+    ("bwd_speedup", "bwd x", 7, ".2f"), ("bwd_ideal", "ideal", 6, ".1f")]
 
 
 def print_row(row):
@@ -184,27 +269,102 @@ def print_row(row):
 
 
 def finish_row(row, base):
-    """Adds the backward speed-up over `base` (the dense baseline's row) and its ideal L/|A|; prints."""
-    both = base["bwd_ms"] and row["bwd_ms"]
-    row["bwd_speedup"] = base["bwd_ms"] / row["bwd_ms"] if both else None
-    row["ideal"] = row["L"] / row["n_active"]
+    """Adds the ratios to `base` (the dense baseline's row at this size) and their ideals; prints the row."""
+    seq_len, n_active = row["L"], row["n_active"]
+    row["both_speedup"] = ratio(base["both_ms"], row["both_ms"])
+    row["both_ideal"] = 14 * seq_len / (4 * seq_len + 10 * n_active)
+    row["fwd_ratio"] = ratio(row["fwd_ms"], base["fwd_ms"])
+    row["bwd_speedup"] = ratio(base["bwd_ms"], row["bwd_ms"])
+    row["bwd_ideal"] = seq_len / n_active
     print_row(row)
     return row
 
 
+def profiled(fn):
+    """(torch.profiler's events, wall time in ms) of one call of fn, the GPU's kernels included where there is
+    a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * gpu) as prof:
+        start = time.perf_counter()
+        fn()
+        if gpu:
+            torch.cuda.synchronize()
+        wall_ms = 1e3 * (time.perf_counter() - start)
+    return prof.events(), wall_ms
+
+
+def is_attention(name):
+    return any(marker in name.lower() for marker in ATTENTION_NAMES)
+
+
+def short_name(name):
+    """A kernel's name without its template arguments and parameters: 'void ns::kern<...>(...)' -> 'ns::kern'."""
+    return re.split(r"[<(]", name.removeprefix("void "), maxsplit=1)[0].strip()
+
+
+def kernels_of(fn):
+    """What one call of fn ran, by short name in order of first appearance: its GPU kernels, or without a
+    GPU its CPU ops named for attention."""
+    events, _ = profiled(fn)
+    names = [e.name for e in events if e.device_type != DeviceType.CPU]
+    names = names or [e.name for e in events if is_attention(e.name)]
+    return list(dict.fromkeys(short_name(name) for name in names))
+
+
+def attention_times_ms(fn):
+    """(attention, all kernels, the whole call) in ms, from one profiled call of fn. On a GPU: the summed
+    durations of its kernels named for attention, and of all its kernels. Without one, the CPU time of its
+    outermost ops named for attention (their nested ops not counted twice), and None."""
+    events, wall_ms = profiled(fn)
+    kernels = [e for e in events if e.device_type != DeviceType.CPU]
+    if kernels:
+        return (sum(e.time_range.elapsed_us() for e in kernels if is_attention(e.name)) / 1e3,
+                sum(e.time_range.elapsed_us() for e in kernels) / 1e3, wall_ms)
+
+    def inside_attention(event):
+        while event.cpu_parent is not None:
+            event = event.cpu_parent
+            if is_attention(event.name):
+                return True
+        return False
+
+    outermost = [e for e in events if is_attention(e.name) and not inside_attention(e)]
+    return sum(e.time_range.elapsed_us() for e in outermost) / 1e3, None, wall_ms
+
+
+def kernel_listing(impls, shape, rho, device, dtype):
+    """{name: what one forward + backward of it ran} at one size (see kernels_of); printed."""
+    batch, heads, seq_len, head_dim = shape
+    q, k, v, dout = random_inputs(shape, device, dtype)
+    active = random_active(batch, seq_len, float(Fraction(rho)), device)  # [B, L]
+    print(f"what one forward + backward runs at L={seq_len} D={head_dim} rho={rho} (torch.profiler):")
+    listing = {}
+    for name, impl in impls.items():
+        listing[name] = attempt(f"{name} kernel listing", lambda: kernels_of(
+            lambda: torch.autograd.grad(impl.attn(q, k, v, active), (q, k, v), dout)))
+        print(f"  {name:<10}{'-' if listing[name] is None else ', '.join(listing[name]) or '(none)'}", flush=True)
+    return listing
+
+
 def kernel_sweep(impls, candidate, reference, shapes, fractions, device, dtype, timer):
-    """Per (B, H, L, D): checks, the dense paths once, the sparse paths at each rho; returns (rows, checks)."""
-    dense = [name for name, (_, sparse) in impls.items() if not sparse]
-    print(f"times in ms; TF = TFLOP/s of the FLOPs above; bwd x = {dense[0]} bwd time / bwd time, ideal L/|A|")
+    """Per (B, H, L, D): checks, the dense paths once, the sparse paths at each rho; returns (rows, checks,
+    listing), the listing from kernel_listing at the first size."""
+    listing = kernel_listing(impls, shapes[0], fractions[0], device, dtype)
+    base = next(iter(impls))
+    print(f"\ntimes in ms. both = fwd + bwd: median, min and max of the runs; x = {base} both / both, ideal "
+          f"14L/(4L+10|A|);\nTF cred, TF exec = TFLOP/s of the credited and executed FLOPs of both; "
+          f"/base = fwd / {base} fwd; bwd x = {base} bwd / bwd, ideal L/|A|")
     print("".join(f"{title:>{width}}" for _, title, width, _ in COLUMNS))
     rows, checks = [], []
     for shape in shapes:  # a failure (out of memory, say) loses that shape's rows, not the run's
         attempt(f"B, H, L, D = {shape}", lambda: sweep_shape(
-            impls, candidate, dense, reference, shape, fractions, device, dtype, timer, rows, checks))
+            impls, candidate, reference, shape, fractions, device, dtype, timer, rows, checks))
         if cuda_broken():
             print("stopping: after a CUDA error the process cannot launch anything reliably", flush=True)
             break
-    return rows, [c for c in checks if c is not None]
+    return rows, [c for c in checks if c is not None], listing
 
 
 def cuda_broken():
@@ -212,29 +372,29 @@ def cuda_broken():
     return any("CUDA error" in e["error"] or "illegal memory access" in e["error"] for e in ERRORS)
 
 
-def sweep_shape(impls, candidate, dense, reference, shape, fractions, device, dtype, timer, rows, checks):
+def sweep_shape(impls, candidate, reference, shape, fractions, device, dtype, timer, rows, checks):
     """One (B, H, L, D): appends its check results to `checks` and its timing rows to `rows`."""
     batch, heads, seq_len, head_dim = shape
-    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype,
-                           requires_grad=True) for _ in range(3))  # [B, H, L, D] each
-    dout = torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype)  # [B, H, L, D]
+    q, k, v, dout = random_inputs(shape, device, dtype)
+    dense = [name for name, impl in impls.items() if not impl.sparse]
     label = f"{candidate} L={seq_len} D={head_dim}"
     checks.append(attempt(f"{label} forward check", lambda: check_forward(
-        impls[candidate][0], impls[dense[0]][0], q, k, v, label)))
+        impls[candidate].attn, impls[dense[0]].attn, q, k, v, label)))
     everything = torch.ones(batch, seq_len, dtype=torch.bool, device=device)  # [B, L]
-    base, *others = [measure(name, impls[name][0], q, k, v, dout, everything, "dense", timer)
-                     for name in dense]
+    base, *others = [measure(name, impls[name], q, k, v, dout, everything, "dense", timer) for name in dense]
     rows += [finish_row(row, base) for row in (base, *others)]
     for rho in fractions:
         active = random_active(batch, seq_len, float(Fraction(rho)), device)  # [B, L]
         checks.append(attempt(f"{label} rho={rho} gradient check", lambda: check_gradients(
-            impls[candidate][0], impls[reference][0], q, k, v, dout, active, f"{label} rho={rho}")))
-        rows += [finish_row(measure(name, attn, q, k, v, dout, active, rho, timer), base)
-                 for name, (attn, sparse) in impls.items() if sparse]
+            impls[candidate].attn, impls[reference].attn, q, k, v, dout, active, f"{label} rho={rho}")))
+        rows += [finish_row(measure(name, impl, q, k, v, dout, active, rho, timer), base)
+                 for name, impl in impls.items() if impl.sparse]
 
 
-def boe_steps(device, dtype, timer):
-    """Time and peak memory of one confidence step and of one BoE step (sparse / dense backward)."""
+def boe_step_functions(device, dtype):
+    """(what runs, {name: step}): a model with random weights, a decoding state after the prompt, and one
+    function per rule that runs one step of boe.generate on it (without the reveal). Every use of boe.py's
+    API is here; the goal reads the step named BOE_GOAL_STEP."""
     import boe  # imported here so that a boe.py that fails to import only costs this section
 
     torch.manual_seed(0)
@@ -248,8 +408,8 @@ def boe_steps(device, dtype, timer):
     sparse = boe.SamplerConfig(candidates=BOE_CANDIDATES, rho=BOE_RHO)
     boe.ATTENTION_BACKEND = "triton"
     n_active = BOE_CANDIDATES + min(math.ceil(BOE_RHO * seq_len), seq_len - BOE_PROMPT - BOE_CANDIDATES)
-    print(f"\nBoE step: {BOE_MODEL}, batch {BOE_BATCH}, prompt {BOE_PROMPT}, budget {int(budget[0])}, "
-          f"candidates {BOE_CANDIDATES}, rho {BOE_RHO}: {n_active} of {seq_len} rows active; peak = max allocated")
+    description = (f"{BOE_MODEL}, batch {BOE_BATCH}, prompt {BOE_PROMPT}, budget {int(budget[0])}, candidates "
+                   f"{BOE_CANDIDATES}, rho {BOE_RHO}: {n_active} of {seq_len} rows active")
 
     def step(rule, cfg):
         @torch.no_grad()
@@ -264,24 +424,39 @@ def boe_steps(device, dtype, timer):
             return rule(s)  # [B, L] scores, under no_grad as in boe.generate
         return run
 
-    def peak_gib(fn):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**30
+    return description, {"confidence step": step(boe.score_confidence, sparse),
+                         BOE_GOAL_STEP: step(boe.score_boe, sparse),
+                         "BoE step, dense backward": step(boe.score_boe, replace(sparse, sparse_backward=False))}
 
+
+def peak_gib(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def boe_steps(device, dtype, timer):
+    """Time, peak memory and attention share of each step of boe_step_functions; the first is the baseline."""
+    description, steps = boe_step_functions(device, dtype)
+    where = "kernels" if device == "cuda" else "ops (CPU time)"
+    print(f"\nBoE step: {description}\nms: median [min, max]; peak = max allocated; attention, all kernels = "
+          f"share of one profiled step's wall time in attention {where} and in all GPU kernels (torch.profiler)")
     rows = []
-    for name, fn in (("confidence step", step(boe.score_confidence, sparse)),
-                     ("BoE step, Triton sparse backward", step(boe.score_boe, sparse)),
-                     ("BoE step, dense backward", step(boe.score_boe, replace(sparse, sparse_backward=False)))):
-        row = dict(step=name, peak_gib=attempt(f"{name} memory", lambda: peak_gib(fn)),
-                   ms=attempt(f"{name} time", lambda: timer(fn, rep_ms=3 * REP_MS)))
-        conf_ms = rows[0]["ms"] if rows else row["ms"]
-        row["x_confidence"] = None if None in (conf_ms, row["ms"]) else row["ms"] / conf_ms
+    for name, fn in steps.items():
+        row = dict(step=name, **spread(attempt(f"{name} time", lambda: timer(fn, rep_ms=3 * REP_MS))))
+        row["peak_gib"] = attempt(f"{name} memory", lambda: peak_gib(fn)) if device == "cuda" else None
+        profile = attempt(f"{name} profile", lambda: attention_times_ms(fn))
+        row["attention_ms"], row["kernels_ms"], row["profiled_ms"] = profile if profile else (None, None, None)
+        row["attention_share"] = ratio(row["attention_ms"], row["profiled_ms"])
+        row["kernels_share"] = ratio(row["kernels_ms"], row["profiled_ms"])
+        row["x_confidence"] = ratio(row["ms"], rows[0]["ms"] if rows else row["ms"])
         rows.append(row)
-        print(f"{name:<34}{fmt(row['ms'], '.2f'):>9} ms {fmt(row['x_confidence'], '.2f'):>6}x confidence"
-              f"   peak {fmt(row['peak_gib'], '.2f'):>6} GiB", flush=True)
+        print(f"{name:<34}{fmt(row['ms'], '.2f'):>9} ms [{fmt(row['ms_min'], '.2f')}, {fmt(row['ms_max'], '.2f')}]"
+              f"{fmt(row['x_confidence'], '.2f'):>7}x confidence   peak {fmt(row['peak_gib'], '.2f'):>6} GiB   "
+              f"attention {fmt(row['attention_share'], '.0%'):>4}, all kernels {fmt(row['kernels_share'], '.0%')}",
+              flush=True)
     return rows
 
 
@@ -295,30 +470,33 @@ def find(rows, **where):
 
 def forward_ratio(rows, impl, seq_len, head_dim):
     """Median over rho of impl's forward time / the dense baseline's forward time, or None."""
-    base = find(rows, impl=rows[0]["impl"], L=seq_len, D=head_dim)
-    ratios = [r["fwd_ms"] / base["fwd_ms"] for r in rows
-              if (r["impl"], r["L"], r["D"]) == (impl, seq_len, head_dim) and r["fwd_ms"] and base["fwd_ms"]]
+    ratios = [r["fwd_ratio"] for r in rows if (r["impl"], r["L"], r["D"]) == (impl, seq_len, head_dim)
+              and r["fwd_ratio"] is not None]
     return statistics.median(ratios) if ratios else None
-
-
-def speedup_cell(row):
-    return "-" if row is None else f"{fmt(row['bwd_speedup'], '.2f')} ({row['ideal']:.3g})"
 
 
 def print_summary(rows, seq_lens, head_dims, fractions):
     if not rows:
         return print("\nno kernel rows to summarise")
-    baseline = rows[0]["impl"]
+    base = rows[0]["impl"]
     sparse = sorted({r["impl"] for r in rows if r["rho"] != "dense"}, key=lambda name: name != "triton")
-    print(f"\nbackward speed-up over the dense {baseline} backward (ideal L/|A| in brackets); "
-          f"fwd = forward time / {baseline} forward time, median over rho")
-    print(f"{'impl':<8}{'L':>6}{'D':>5}" + "".join(f"{rho:>14}" for rho in fractions) + f"{'fwd':>7}")
-    for impl in sparse:
-        for seq_len in seq_lens:
-            for head_dim in head_dims:
-                cells = [speedup_cell(find(rows, impl=impl, L=seq_len, D=head_dim, rho=rho)) for rho in fractions]
-                ratio = fmt(forward_ratio(rows, impl, seq_len, head_dim), ".2f")
-                print(f"{impl:<8}{seq_len:>6}{head_dim:>5}" + "".join(f"{c:>14}" for c in cells) + f"{ratio:>7}")
+    tables = [("both_speedup", "both_ideal", f"fwd+bwd speed-up over the dense {base} fwd+bwd (ideal in brackets); "
+               f"fwd = forward time / {base} forward time, median over rho"),
+              ("bwd_speedup", "bwd_ideal", f"diagnostic: backward-only speed-up over the dense {base} backward "
+               f"(ideal L/|A| in brackets)")]
+    for key, ideal, title in tables:
+        forward = key == "both_speedup"
+        print(f"\n{title}")
+        print(f"{'impl':<8}{'L':>6}{'D':>5}" + "".join(f"{rho:>14}" for rho in fractions) + f"{'fwd':>7}" * forward)
+        for impl in sparse:
+            for seq_len in seq_lens:
+                for head_dim in head_dims:
+                    cells = []
+                    for rho in fractions:
+                        row = find(rows, impl=impl, L=seq_len, D=head_dim, rho=rho)
+                        cells.append("-" if row is None else f"{fmt(row[key], '.2f')} ({row[ideal]:.3g})")
+                    ratio_cell = f"{fmt(forward_ratio(rows, impl, seq_len, head_dim), '.2f'):>7}" * forward
+                    print(f"{impl:<8}{seq_len:>6}{head_dim:>5}" + "".join(f"{c:>14}" for c in cells) + ratio_cell)
 
 
 def goals(rows, boe_rows, checks):
@@ -326,23 +504,43 @@ def goals(rows, boe_rows, checks):
     run, or where the Triton path failed its correctness check there (a fast wrong kernel meets nothing)."""
     passed = {(c["check"], c["what"]) for c in checks if c["ok"]}
 
-    def checked(head_dim, rho=None):
-        label = f"triton L=4096 D={head_dim}"
+    def checked(seq_len, head_dim, rho=None):
+        label = f"triton L={seq_len} D={head_dim}"
         return ("forward", label) in passed and (rho is None or ("gradients", f"{label} rho={rho}") in passed)
 
-    def speedup(head_dim, rho):
+    def triton(key, head_dim, rho):
         row = find(rows, impl="triton", L=4096, D=head_dim, rho=rho)
-        return row.get("bwd_speedup") if row and checked(head_dim, rho) else None
+        return row[key] if row and checked(4096, head_dim, rho) else None
 
     def forward(head_dim):
-        return forward_ratio(rows, "triton", 4096, head_dim) if checked(head_dim) else None
+        return forward_ratio(rows, "triton", 4096, head_dim) if checked(4096, head_dim) else None
 
-    boe_ratio = boe_rows[1]["x_confidence"] if len(boe_rows) > 1 else None
-    table = [("triton bwd speed-up, L=4096 D=64 rho=1/4 (ideal 4x)", speedup(64, "1/4"), 3.0, True),
-             ("triton bwd speed-up, L=4096 D=128 rho=1/4 (ideal 4x)", speedup(128, "1/4"), 2.5, True),
-             ("triton bwd speed-up, L=4096 D=64 rho=1/16 (ideal 16x)", speedup(64, "1/16"), 8.0, True),
-             ("triton fwd / flash fwd, L=4096 D=64", forward(64), 1.2, False),
-             ("triton fwd / flash fwd, L=4096 D=128", forward(128), 1.2, False),
+    def against_torch_path():
+        """The smallest PyTorch-path fwd+bwd time / Triton fwd+bwd time at L >= 2048, rho <= 1/2."""
+        ratios = []
+        for row in rows:
+            if row["impl"] == "triton" and row["L"] >= 2048 and row["rho"] != "dense" \
+                    and Fraction(row["rho"]) <= Fraction(1, 2) and checked(row["L"], row["D"], row["rho"]):
+                other = find(rows, impl="torch", L=row["L"], D=row["D"], rho=row["rho"])
+                ratios.append(ratio(other["both_ms"], row["both_ms"]) if other else None)
+        return None if not ratios or None in ratios else min(ratios)  # None: some size was not compared
+
+    boe_ratio = next((row["x_confidence"] for row in boe_rows if row["step"] == BOE_GOAL_STEP), None)
+    table = [("fwd+bwd speed-up over flash, L=4096 D=64 rho=1/4 (ideal 2.15)", triton("both_speedup", 64, "1/4"),
+              1.9, True),
+             ("fwd+bwd speed-up over flash, L=4096 D=128 rho=1/4 (ideal 2.15)", triton("both_speedup", 128, "1/4"),
+              1.9, True),
+             ("fwd+bwd speed-up over flash, L=4096 D=64 rho=1/16 (ideal 3.03)", triton("both_speedup", 64, "1/16"),
+              2.7, True),
+             ("fwd+bwd speed-up over flash, L=4096 D=128 rho=1/16 (ideal 3.03)",
+              triton("both_speedup", 128, "1/16"), 2.7, True),
+             ("bwd speed-up over flash bwd, L=4096 D=64 rho=1/16 (ideal 16)", triton("bwd_speedup", 64, "1/16"),
+              8.0, True),
+             ("bwd speed-up over flash bwd, L=4096 D=128 rho=1/16 (ideal 16)", triton("bwd_speedup", 128, "1/16"),
+              8.0, True),
+             ("PyTorch path fwd+bwd / Triton fwd+bwd, worst at L>=2048 rho<=1/2", against_torch_path(), 1.0, True),
+             ("triton fwd / flash fwd, L=4096 D=64", forward(64), 1.1, False),
+             ("triton fwd / flash fwd, L=4096 D=128", forward(128), 1.1, False),
              ("BoE step (Triton) / confidence step", boe_ratio, 2.5, False)]
     return [dict(goal=g, measured=m, target=t, met=None if m is None else (m >= t if up else m <= t),
                  direction=">=" if up else "<=") for g, m, t, up in table]
@@ -375,32 +573,32 @@ def main():
     if gpu:
         results.update(device=torch.cuda.get_device_name(), cuda=torch.version.cuda)
         print(f"{results['device']}, torch {results['torch']}, Triton {results['triton']}, CUDA {results['cuda']}, "
-              f"{results['dtype']}; B = {TOKENS} // L, H = {WIDTH} // D; medians of "
-              f"do_bench(warmup={WARMUP_MS}, rep={REP_MS})")
+              f"{results['dtype']}; B = {TOKENS} // L, H = {WIDTH} // D; do_bench(warmup={WARMUP_MS}, rep={REP_MS})")
     else:
         results.update(device=f"cpu ({platform.processor() or platform.machine()})")
         print(f"No CUDA GPU: a small CPU comparison of the PyTorch active-row path against dense autograd "
-              f"(fp32, {torch.get_num_threads()} threads, median of {CPU_RUNS} wall times); meaningless for a GPU.")
+              f"(fp32, {torch.get_num_threads()} threads, {CPU_RUNS} wall times each); meaningless for a GPU.")
     torch.manual_seed(0)
     start = time.time()
-    timer = gpu_median_ms if gpu else cpu_median_ms
+    timer = gpu_times_ms if gpu else cpu_times_ms
     try:
-        rows, checks = kernel_sweep(*implementations(gpu), shapes, fractions, device, dtype, timer)
-        results.update(kernel=rows, checks=checks)
+        rows, checks, listing = kernel_sweep(*implementations(gpu, device, dtype), shapes, fractions, device, dtype,
+                                             timer)
+        results.update(kernel=rows, checks=checks, kernels_run=listing)
         run_boe = gpu and not cuda_broken()
         boe_rows = (attempt("BoE step", lambda: boe_steps(device, dtype, timer)) or []) if run_boe else []
         results.update(boe_step=boe_rows)
         print_summary(rows, seq_lens, head_dims, fractions)
         if gpu:
             results["goals"] = goals(rows, boe_rows, checks)
-            print(f"\n{'goal':<56}{'measured':>9}{'target':>10}")
+            print(f"\n{'goal':<68}{'measured':>9}{'target':>10}")
             for g in results["goals"]:
                 status = "not measured or check failed" if g["met"] is None else "met" if g["met"] else "NOT met"
-                print(f"{g['goal']:<56}{fmt(g['measured'], '.2f'):>9}{g['direction']:>6}{g['target']:>4}  {status}")
+                print(f"{g['goal']:<68}{fmt(g['measured'], '.2f'):>9}{g['direction']:>6}{g['target']:>4}  {status}")
         failed = [c["what"] for c in checks if not c["ok"]]
         print(f"\n{len(ERRORS)} errors, {len(failed)} failed checks{': ' + ', '.join(failed) if failed else ''}; "
               f"{time.time() - start:.0f} s")
-    finally:  # whatever was measured is kept, even if the run breaks off
+    finally:  # whatever was measured is kept, even if the run breaks off (also on Ctrl-C or SIGINT)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(results, errors=ERRORS, seconds=time.time() - start), f, indent=1)

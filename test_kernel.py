@@ -523,30 +523,45 @@ def test_bench_cpu_path_runs_without_triton_and_writes_json(tmp_path):
 @needs_triton
 @pytest.mark.skipif(ON_GPU, reason="on a GPU bench.py runs for real; run it by hand there")
 def test_bench_gpu_code_runs_in_the_interpreter(monkeypatch):
-    # bench.py's GPU code (flash baseline, Triton rows, checks, BoE step, summary, goals) on tiny sizes,
-    # with wall-clock timing for CUDA events, so that a slip in it shows before a GPU run.
+    # bench.py's GPU code (pinned flash baseline, the cuDNN probe, Triton and pinned PyTorch-path rows, the
+    # kernel listing, checks, BoE step with its attention share, summary, goals) on tiny sizes, with
+    # wall-clock timing for CUDA events, so that a slip in it shows before a GPU run.
     import boe
     import bench
 
-    monkeypatch.setattr(bench, "CPU_RUNS", 1)
+    monkeypatch.setattr(bench, "CPU_RUNS", 2)
     monkeypatch.setattr(bench, "ERRORS", [])
-    monkeypatch.setattr(boe, "ATTENTION_BACKEND", boe.ATTENTION_BACKEND)  # boe_steps sets it
+    monkeypatch.setattr(boe, "ATTENTION_BACKEND", boe.ATTENTION_BACKEND)  # boe_step_functions sets it
     monkeypatch.setattr(bench, "BOE_MODEL", dict(vocab_size=64, mask_id=63, seq_len=40, n_layer=1, n_head=2,
                                                  d_model=32))
     for name, value in dict(BOE_BATCH=2, BOE_PROMPT=8, BOE_BUDGET=8, BOE_CANDIDATES=8).items():
         monkeypatch.setattr(bench, name, value)
-    timer = lambda fn, rep_ms=None: bench.cpu_median_ms(fn)  # noqa: E731
 
-    rows, checks = bench.kernel_sweep(*bench.implementations(gpu=True), [(1, 2, 40, 16)], ["1/4", "1"],
-                                      "cpu", torch.float32, timer)
+    impls, candidate, reference = bench.implementations(True, "cpu", torch.float32)
+    assert list(impls) == ["flash", "triton", "torch"]  # no cuDNN attention on a CPU: probed, left out
+    seq_len, rhos = 40, ["1/4", "1"]
+    rows, checks, listing = bench.kernel_sweep(impls, candidate, reference, [(1, 2, seq_len, 16)], rhos, "cpu",
+                                               torch.float32, bench.cpu_times_ms)
     assert len(checks) == 3 and all(check["ok"] for check in checks)
     assert sorted(row["impl"] for row in rows) == ["flash", "torch", "torch", "triton", "triton"]
-    assert all(row[f"{kind}_ms"] > 0 for row in rows for kind in ("fwd", "bwd", "both"))
-    boe_rows = bench.boe_steps("cpu", torch.float32, timer)
-    assert [row["step"].split(",")[0] for row in boe_rows] == ["confidence step", "BoE step", "BoE step"]
-    assert all(row["ms"] > 0 for row in boe_rows)
-    assert all("memory" in error["what"] for error in bench.ERRORS)  # peak memory needs CUDA
-    bench.print_summary(rows, [40], [16], ["1/4", "1"])
+    assert "_ActiveQueryAttention" in listing["triton"]  # the interpreted kernels, as the profiler names them
+    assert any("scaled_dot_product" in name for name in listing["flash"] + listing["torch"])
+    for row in rows:
+        for kind in ("fwd", "bwd", "both"):
+            assert 0 < row[f"{kind}_ms_min"] <= row[f"{kind}_ms"] <= row[f"{kind}_ms_max"] and row[f"{kind}_runs"] == 2
+        # Executed against credited FLOPs of fwd + bwd: 4L + 14|A| for Triton's seven backward matmuls,
+        # 4L + 4|A| + 10|A| for the PyTorch path's second forward, 4L + 10|A| (= 14L) for flash.
+        a = row["n_active"]
+        executed = {"triton": 4 * seq_len + 14 * a, "torch": 4 * seq_len + 14 * a, "flash": 14 * seq_len}
+        assert row["both_tflops_executed"] / row["both_tflops"] == pytest.approx(
+            executed[row["impl"]] / (4 * seq_len + 10 * a))
+
+    boe_rows = bench.boe_steps("cpu", torch.float32, bench.cpu_times_ms)
+    assert [row["step"] for row in boe_rows] == ["confidence step", bench.BOE_GOAL_STEP, "BoE step, dense backward"]
+    assert all(row["ms"] > 0 and row["peak_gib"] is None for row in boe_rows)  # peak memory needs CUDA
+    assert all(0 < row["attention_share"] <= 1 and row["kernels_share"] is None for row in boe_rows)  # no GPU kernels
+    bench.print_summary(rows, [seq_len], [16], rhos)
     goals = bench.goals(rows, boe_rows, checks)
     assert all(goal["met"] is None for goal in goals[:-1])  # the kernel goals: no L = 4096 here
     assert goals[-1]["measured"] == boe_rows[1]["x_confidence"] and goals[-1]["met"] in (True, False)
+    assert bench.ERRORS == []

@@ -42,12 +42,14 @@ def run_without_triton(code, *args, timeout=300):
 
 
 # Hypothesis profiles: "ci" is small and repeatable (derandomized, no example database) so a CPU
-# run stays within a few minutes; "dev" explores more on a CPU; "gpu" is the long run on a GPU.
-# HYPOTHESIS_PROFILE picks one explicitly; otherwise a GPU machine gets "gpu" and anything else "ci".
+# run stays within a few minutes; "dev" explores more on a CPU; "gpu" is the long run on a GPU and
+# "gpu-quick" a shorter one (.ci/gpu --quick). HYPOTHESIS_PROFILE picks one explicitly; otherwise a GPU
+# machine gets "gpu" and anything else "ci".
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("ci", max_examples=30, derandomize=True, database=None, **_common)
 settings.register_profile("dev", max_examples=150, **_common)
 settings.register_profile("gpu", max_examples=200, derandomize=True, database=None, **_common)
+settings.register_profile("gpu-quick", max_examples=50, derandomize=True, database=None, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if HAS_GPU else "ci"))
 
 

@@ -306,7 +306,8 @@ def _tile_sizes(kernel, head_dim, dtype, block_m, block_n):
 def _launch_options(q):
     # fp32 dots would run in TF32 on a GPU; "ieee" keeps them exact. For fp16/bf16 operands the
     # precision setting has no effect and Triton's default ("tf32") is passed. fp32 is the exact path,
-    # not the fast one: compiled for an H100 with Triton 3.6, its dK/dV code spills registers at D >= 32.
+    # not the fast one: compiled for an H100 with Triton 3.6, its backward spills registers at D >= 32
+    # and its forward at D = 64.
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     return dict(DOT_PRECISION=dot_precision, num_warps=8 if q.shape[-1] == 128 else 4, num_stages=3)
 

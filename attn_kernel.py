@@ -471,12 +471,17 @@ def _triton_unsupported_reason(q):
 # PyTorch path: the same function from two SDPA calls; its backward also costs O(|A| L D).
 # --------------------------------------------------------------------------------------------------
 
+# torch's own SDPA, taken at import: sdpa_active_rows below replaces the public name for a while, and
+# the PyTorch path must not route itself.
+_SDPA = F.scaled_dot_product_attention
+
+
 
 def _torch_attention(q, k, v, active, scale):
     if q.numel() == 0:  # B, H or L is 0: an empty output, kept in the graph so that backward() works
         return q + k + v  # [B, H, L, D], empty
     with torch.no_grad():
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, H, L, D], every row
+        out = _SDPA(q, k, v, scale=scale)  # [B, H, L, D], every row
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return out
 
@@ -493,7 +498,7 @@ def _torch_attention(q, k, v, active, scale):
     rows = torch.where(slots[None, :] < counts[:, None], rows[:, :width], seq_len)  # [B, width]
     index = rows[:, None, :, None].expand(batch, heads, width, head_dim)  # [B, H, width, D]
     q_active = F.pad(q, (0, 0, 0, 1)).gather(2, index)  # [B, H, width, D]
-    out_active = F.scaled_dot_product_attention(q_active, k, v, scale=scale)  # [B, H, width, D]
+    out_active = _SDPA(q_active, k, v, scale=scale)  # [B, H, width, D]
     # Zero-valued but carrying the gradient of the active rows: adding it keeps the returned values
     # bit-identical to the full SDPA call above while dOut flows back only through the active rows.
     carrier = out_active - out_active.detach()  # [B, H, width, D]
@@ -512,3 +517,60 @@ def reference_attention(q, k, v, active, scale=None):
     probs = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)  # [B, H, L, L]
     out = probs @ v  # [B, H, L, D]
     return torch.where(active[:, None, :, None], out, out.detach())
+
+
+# --------------------------------------------------------------------------------------------------
+# A model one did not write: route its own SDPA calls through active_query_attention.
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def sdpa_active_rows(active, backend="auto"):
+    """Inside the block, torch.nn.functional.scaled_dot_product_attention runs the calls it can serve
+    exactly through active_query_attention(q, k, v, active): the model's forward is unchanged and its
+    backward follows only the active rows, without editing the model.
+
+    active : bool [B, L], or None to route nothing (so one code path serves both kinds of forward)
+    yields : a dict counting the calls, {"routed": n, "passed": m}; a model that calls SDPA once per
+             layer routes one call per layer and forward, which shows the sparse path really ran
+
+    Served: self-attention with q, k, v of shape [B, H, L, D] for this B and L (keys and values may
+    have fewer heads with enable_gqa=True; they are repeated to the query heads as SDPA does), no
+    attn_mask or an all-true boolean one, dropout_p = 0, is_causal = False. Every other call goes to
+    the SDPA that was in place before, unchanged. Not reached: a reference to SDPA taken before the
+    block (`from torch.nn.functional import scaled_dot_product_attention` at a module's import), and
+    attention that does not call SDPA (flash_attn, xformers, an explicit softmax). The original
+    function is restored on exit, also on an exception."""
+    counts = {"routed": 0, "passed": 0}
+    if active is None:
+        yield counts
+        return
+    previous = F.scaled_dot_product_attention
+
+    def route(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if _servable(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, active):
+            counts["routed"] += 1
+            groups = query.shape[1] // key.shape[1]  # 1 without grouped key/value heads
+            key, value = (x.repeat_interleave(groups, dim=1) if groups > 1 else x for x in (key, value))
+            return active_query_attention(query, key, value, active, scale=scale, backend=backend)
+        counts["passed"] += 1
+        return previous(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+
+    F.scaled_dot_product_attention = route
+    try:
+        yield counts
+    finally:
+        F.scaled_dot_product_attention = previous
+
+
+def _servable(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, active):
+    """Whether active_query_attention computes exactly what this SDPA call asks for."""
+    if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (query, key, value)):
+        return False
+    (batch, heads, seq_len, head_dim), kv_heads = query.shape, key.shape[1]
+    grouped = kv_heads == heads or (enable_gqa and kv_heads > 0 and heads % kv_heads == 0)
+    return (grouped and key.shape == value.shape == (batch, kv_heads, seq_len, head_dim)
+            and active.shape == (batch, seq_len) and active.device == query.device
+            and dropout_p == 0 and not is_causal
+            and (attn_mask is None or (attn_mask.dtype == torch.bool and bool(attn_mask.all()))))

@@ -13,10 +13,13 @@ On one CUDA GPU it measures:
      H = 2048 // D. Inputs and dOut are random normal; the active set is round(rho * L) random rows per
      sequence. The kernels one forward + backward of each implementation launched are listed once
      (torch.profiler), so a reader sees which kernels the rows time.
-  2. BoE step. One confidence step against one BoE step with the Triton sparse backward and one with a
-     dense backward, on a 12-layer, d_model 768 model with random weights (L 1024, batch 8): time, peak
-     memory (torch.cuda.max_memory_allocated, reset before each) and the share of the step's time spent
-     in attention kernels (torch.profiler), beside the time in all GPU kernels.
+  2. BoE step. One confidence step against one BoE step (boe.boe_step with the default configuration:
+     the step's forward with gradient tracking and one backward, active rows = the masked positions)
+     with the Triton sparse backward, one with a dense backward and one in the paper's configuration (a
+     second forward at the surrogate state), on a 12-layer, d_model 768 model with random weights
+     (L 1024, batch 8, a quarter of the positions after the prompt masked): time, peak memory
+     (torch.cuda.max_memory_allocated, reset before each) and the share of the step's time spent in
+     attention kernels (torch.profiler), beside the time in all GPU kernels.
 
 The headline is the fwd+bwd speed-up, flash's fwd+bwd time / fwd+bwd time, beside its ideal
 14L / (4L + 10|A|): the credited FLOPs below of a dense fwd+bwd against a sparse one. The backward-only
@@ -55,7 +58,7 @@ import re
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from functools import partial
 
@@ -77,7 +80,7 @@ CPU_BATCH, CPU_HEADS, CPU_RUNS = 1, 8, 5
 WARMUP_MS, REP_MS = 25, 100  # do_bench budgets per measurement (BoE steps get 3x REP_MS)
 GRAD_TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-4}  # max error / max |grad|
 BOE_MODEL = dict(vocab_size=8192, mask_id=8191, seq_len=1024, n_layer=12, n_head=12, d_model=768)
-BOE_BATCH, BOE_PROMPT, BOE_BUDGET, BOE_CANDIDATES, BOE_RHO = 8, 32, 32, 64, 0.25
+BOE_BATCH, BOE_PROMPT, BOE_BUDGET, BOE_CANDIDATES, BOE_MASKED = 8, 32, 32, 64, 0.25
 BOE_GOAL_STEP = "BoE step, Triton sparse backward"  # the step the BoE-step goal measures
 # A kernel or op is counted as attention if its name holds one of these: the Triton kernels here
 # (_attention_*), flash (pytorch_flash::flash_*), cuDNN (*_sdpa_*), memory-efficient (fmha_*), and on a CPU
@@ -392,7 +395,7 @@ def sweep_shape(impls, candidate, reference, shape, fractions, device, dtype, ti
 
 
 def boe_step_functions(device, dtype):
-    """(what runs, {name: step}): a model with random weights, a decoding state after the prompt, and one
+    """(what runs, {name: step}): a model with random weights, a decoding state part-way through, and one
     function per rule that runs one step of boe.generate on it (without the reveal). Every use of boe.py's
     API is here; the goal reads the step named BOE_GOAL_STEP."""
     import boe  # imported here so that a boe.py that fails to import only costs this section
@@ -400,33 +403,36 @@ def boe_step_functions(device, dtype):
     torch.manual_seed(0)
     model = boe.MaskedDiffusionTransformer(boe.ModelConfig(**BOE_MODEL)).to(device=device, dtype=dtype).eval()
     mask_id, seq_len = BOE_MODEL["mask_id"], BOE_MODEL["seq_len"]
-    tokens = torch.full((BOE_BATCH, seq_len), mask_id, device=device)  # [B, L], masked after the prompt
-    tokens[:, :BOE_PROMPT] = torch.randint(mask_id, (BOE_BATCH, BOE_PROMPT), device=device)
+    tokens = torch.randint(mask_id, (BOE_BATCH, seq_len), device=device)  # [B, L], every position revealed
+    # BoE at the state differentiates its own forward with every masked position active: a state with a
+    # fraction BOE_MASKED of the positions after the prompt still masked, chosen at random per sequence.
+    n_masked = round(BOE_MASKED * (seq_len - BOE_PROMPT))
+    order = torch.rand(BOE_BATCH, seq_len - BOE_PROMPT, device=device).argsort(1)  # [B, L - P]
+    tokens[:, BOE_PROMPT:].scatter_(1, order[:, :n_masked], mask_id)
     masked = tokens == mask_id  # [B, L]
-    steps_left = math.ceil((seq_len - BOE_PROMPT) / BOE_BUDGET)
-    budget = (masked.sum(1) + steps_left - 1) // steps_left  # [B] ceil(masked / steps_left) = BOE_BUDGET
-    sparse = boe.SamplerConfig(candidates=BOE_CANDIDATES, rho=BOE_RHO)
+    budget = torch.full((BOE_BATCH,), BOE_BUDGET, device=device)  # [B]
+    table = model.token_embedding.weight
     boe.ATTENTION_BACKEND = "triton"
-    n_active = BOE_CANDIDATES + min(math.ceil(BOE_RHO * seq_len), seq_len - BOE_PROMPT - BOE_CANDIDATES)
-    description = (f"{BOE_MODEL}, batch {BOE_BATCH}, prompt {BOE_PROMPT}, budget {int(budget[0])}, candidates "
-                   f"{BOE_CANDIDATES}, rho {BOE_RHO}: {n_active} of {seq_len} rows active")
+    default = boe.SamplerConfig()
+    paper = replace(boe.PAPER_BOE, candidates=BOE_CANDIDATES)
+    description = (f"{BOE_MODEL}, batch {BOE_BATCH}, {n_masked} of {seq_len} positions masked (the active rows "
+                   f"at the state), budget {BOE_BUDGET}; the paper's surrogate with {BOE_CANDIDATES} candidates")
 
-    def step(rule, cfg):
+    @torch.no_grad()
+    def confidence():  # the forward, then the confidence scores boe.generate ranks by
+        _, probs = boe.predict(model, tokens)  # [B, L, V]
+        return probs.max(-1).values  # [B, L]
+
+    def step(cfg):
         @torch.no_grad()
-        def run():  # one step of boe.generate, without the reveal
-            logits, probs = boe.predict(model, tokens)  # [B, L, V] float32
-            zeros = torch.zeros(BOE_BATCH, dtype=torch.long, device=device)  # [B]
-            values = dict(model=model, tokens=tokens, masked=masked, logits=logits, probs=probs, budget=budget,
-                          has_choice=budget < masked.sum(1), steps_left=steps_left, steps=steps_left + 1,
-                          cfg=cfg, generators=[], forwards=zeros, backwards=zeros.clone())
-            # Pass the fields boe.Step has; one it has and this script does not know raises a TypeError.
-            s = boe.Step(**{f.name: values[f.name] for f in fields(boe.Step) if f.name in values})
-            return rule(s)  # [B, L] scores, under no_grad as in boe.generate
+        def run():  # the step's forward (with gradient tracking where BoE needs it), one backward, the scores
+            return boe.boe_step(tokens, masked, budget, table, model.forward_embeds, mask_id, cfg, progress=0.5)[1]
         return run
 
-    return description, {"confidence step": step(boe.score_confidence, sparse),
-                         BOE_GOAL_STEP: step(boe.score_boe, sparse),
-                         "BoE step, dense backward": step(boe.score_boe, replace(sparse, sparse_backward=False))}
+    return description, {"confidence step": confidence,
+                         BOE_GOAL_STEP: step(default),
+                         "BoE step, dense backward": step(replace(default, sparse_backward=False)),
+                         "BoE step, paper's surrogate": step(paper)}
 
 
 def peak_gib(fn):

@@ -11,7 +11,8 @@ The file reads top to bottom:
   1. model      a tiny bidirectional transformer that also accepts soft input embeddings
   2. task       a built-in synthetic task on which the order of reveals matters, and training
   3. samplers   one decoding loop; each order rule is a small function that scores positions
-  4. BoE        the TIS derivation, `token_influence`, and the BoE order rule
+  4. BoE        the TIS derivation at two linearisation points, and `boe_step`, one BoE step for any
+                masked diffusion model (its forward, one backward, the scores)
   5. main       trains or loads the model and prints accuracy against compute for every rule
 
 Where the paper is silent, the choices made here are marked "[ours]" with the reason.
@@ -244,7 +245,8 @@ def load_or_train(model_cfg, train_cfg, retrain=False):
 # Each step: one forward at the current state x_t; the order rule scores the masked positions; each
 # row reveals its `budget` best-scoring ones, budget = ceil(masked / steps_left), so a row with n
 # masked positions and T steps is done after min(n, T) steps; the revealed tokens are committed
-# (argmax, or a sample at a temperature) and never change again.
+# (argmax, or a sample at a temperature) and never change again. BoE runs the step's forward itself
+# (section 4), so that one backward through that same forward scores every position.
 
 
 @dataclass(frozen=True)  # one default instance is shared; variants are made with replace()
@@ -252,18 +254,32 @@ class SamplerConfig:
     temperature: float = 0.0        # commit rule: 0 = argmax, > 0 = sample from p ** (1 / temperature)
     lookahead_k: int = 0            # exact lookahead: candidates per step (most confident first); 0 = all
     lookahead_own_entropy: bool = True  # lookahead cost = own entropy + future entropy; False = future only
-    # BoE's knobs. The defaults are the best of `python boe.py --tune` (instances of seed 0 only).
-    candidates: int = 8             # BoE: r, candidates per step (most confident first; at least the
-                                    # budget); 0 = every masked position is a candidate and a probe
-    tau: float = 1.0                # BoE: sharpening temperature of the soft embedding, w ~ p ** (1 / tau)
+    # BoE's knobs (section 4). The defaults are the best of `python boe.py --tune` (instances of seed 0
+    # only); PAPER_BOE below is the paper's configuration.
+    linearize: str = "state"        # BoE: where the gradient is taken: "state" = the real state x_t, in
+                                    # the step's own forward; "surrogate" = every candidate soft (paper)
+    reveal: str = "onehot"          # BoE: a reveal's direction: "onehot" = E[argmax p] - E[MASK];
+                                    # "soft" = sum_v w(v) E[v] - E[MASK], w ~ p ** (1 / tau) (paper)
+    estimator: str = "norm"         # BoE: influence from the gradient g: "tangent" = -<g_i, delta_i>
+                                    # (paper); "norm" = |g_i|, which ignores `reveal`
+    candidates: int = 0             # BoE: r, candidates per step (most confident first; at least the
+                                    # budget); 0 = every masked position
+    influential: int = 1            # BoE: reveals per step chosen by score, the rest of the budget by
+                                    # confidence; 0 = the whole budget by score (paper)
+    tau: float = 1.0                # BoE: sharpening temperature of the soft reveal, w ~ p ** (1 / tau)
     gamma: float = 0.0              # BoE: exponent of the confidence gate c ** gamma (0 = no gate)
     lam: float = 1.0                # BoE: weight of the anti-collapse penalty (0 = none)
     h_max: float = 0.5              # BoE: entropy floor at the first step (nats); decays linearly
-    rho: float = 1.0                # BoE: probes capped to the ceil(rho * L) highest-entropy ones; the
-                                    # active rows are the r candidates plus these probes, so at most
-                                    # r + ceil(rho * L) of L
+    rho: float = 1.0                # BoE at the surrogate: probes capped to the ceil(rho * L) of highest
+                                    # entropy; active rows are the candidates plus these probes
     use_tis: bool = True            # BoE ablation: False scores by gate and penalty alone
     sparse_backward: bool = True    # BoE ablation: False runs a dense backward (no active rows)
+
+
+# The paper's configuration: the gradient at the all-soft surrogate state, the 8 most confident
+# positions as candidates, the whole budget ranked by score; tuned on seed 0 as the default once was.
+PAPER_BOE = SamplerConfig(linearize="surrogate", reveal="soft", estimator="tangent", candidates=8, influential=0,
+                          lam=1.0, h_max=0.5)
 
 
 @dataclass
@@ -281,7 +297,6 @@ class Step:
     cfg: SamplerConfig       # the rules' knobs
     generators: list         # one torch.Generator per row
     forwards: torch.Tensor   # [B] forward passes so far, updated by rules that run more
-    backwards: torch.Tensor  # [B] backward passes so far
 
 
 def predict(model, tokens):
@@ -378,6 +393,19 @@ def score_lookahead(s):
     return candidates_first(scores, candidates, score_confidence(s))  # [B, L]
 
 
+# Order rules that score positions from the step's forward. "boe" is the one more: it runs the
+# step's forward itself (boe_step, section 4), with gradient tracking where it needs one.
+ORDER_RULES = {
+    "random": score_random,
+    "left-to-right": score_left_to_right,
+    "confidence": score_confidence,
+    "margin": score_margin,
+    "entropy": score_entropy,
+    "lookahead": score_lookahead,
+}
+ORDERS = (*ORDER_RULES, "boe")
+
+
 def check_generate_args(model, prompts, steps, order, cfg):
     if not isinstance(prompts, torch.Tensor) or prompts.dtype != torch.long or prompts.dim() != 2:
         what = getattr(prompts, "dtype", type(prompts).__name__)
@@ -394,14 +422,23 @@ def check_generate_args(model, prompts, steps, order, cfg):
         steps_ok = False
     if not steps_ok:
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
-    if not callable(order) and order not in ORDER_RULES:
-        raise ValueError(f"unknown order rule {order!r}; choose one of {', '.join(ORDER_RULES)}")
+    if not callable(order) and order not in ORDERS:
+        raise ValueError(f"unknown order rule {order!r}; choose one of {', '.join(ORDERS)}")
     if not isinstance(cfg, SamplerConfig):
         raise TypeError(f"cfg must be a SamplerConfig; got {type(cfg).__name__}")
     if cfg.candidates < 0:
         raise ValueError(f"candidates must be >= 0 (0 = every masked position); got {cfg.candidates}")
     if not 0 < cfg.rho <= 1:
         raise ValueError(f"rho must lie in (0, 1]; got {cfg.rho}")
+    if cfg.rho < 1 and cfg.linearize != "surrogate":
+        raise ValueError(f"rho < 1 caps the surrogate's probes; at the state every masked position is a "
+                         f"probe (linearize='surrogate' to use it); got rho={cfg.rho}")
+    for name, options in (("linearize", ("state", "surrogate")), ("reveal", ("onehot", "soft")),
+                          ("estimator", ("tangent", "norm"))):
+        if getattr(cfg, name) not in options:
+            raise ValueError(f"{name} must be one of {options}; got {getattr(cfg, name)!r}")
+    if cfg.influential < 0:
+        raise ValueError(f"influential must be >= 0 (0 = the whole budget by score); got {cfg.influential}")
     if cfg.lookahead_k < 0:
         raise ValueError(f"lookahead_k must be >= 0 (0 = every masked position); got {cfg.lookahead_k}")
     if cfg.tau <= 0 or cfg.temperature < 0:
@@ -411,8 +448,8 @@ def check_generate_args(model, prompts, steps, order, cfg):
 
 @torch.no_grad()
 def generate(model, prompts, steps, order="boe", cfg=SamplerConfig(), seed=0):
-    """Fill every [MASK] of `prompts` [B, L] in `steps` steps, choosing positions by `order`, the
-    name of a rule in ORDER_RULES or a function of a Step that returns scores [B, L].
+    """Fill every [MASK] of `prompts` [B, L] in `steps` steps, choosing positions by `order`: "boe",
+    the name of a rule in ORDER_RULES, or a function of a Step that returns scores [B, L].
 
     Returns (tokens [B, L], record). Row b draws its random numbers (random order, sampling) from a
     generator seeded with seed + b, so a row gives the same output alone as in a batch. record:
@@ -438,12 +475,19 @@ def generate(model, prompts, steps, order="boe", cfg=SamplerConfig(), seed=0):
             break
         steps_left = steps - t
         budget = (n_masked + steps_left - 1) // steps_left  # [B] ceil(masked / steps_left)
-        logits, probs = predict(model, tokens)  # [B, L, V]
         forwards += n_masked > 0
-        s = Step(model, tokens, masked, logits, probs, budget, budget < n_masked, steps_left, steps,
-                 cfg, generators, forwards, backwards)
-        rule = order if callable(order) else ORDER_RULES[order]
-        scores = rule(s).float()  # [B, L]; rules run under no_grad, token_influence enables what it needs
+        if order == "boe":  # the step's forward and BoE's scores from one call (section 4)
+            logits, scores, charged = boe_step(tokens, masked, budget, model.token_embedding.weight,
+                                               model.forward_embeds, model.mask_id, cfg, steps_left / steps)
+            forwards += charged & (cfg.linearize == "surrogate")  # the surrogate's second forward
+            backwards += charged
+        else:
+            logits, probs = predict(model, tokens)  # [B, L, V]
+            s = Step(model, tokens, masked, logits, probs, budget, budget < n_masked, steps_left, steps,
+                     cfg, generators, forwards)
+            rule = order if callable(order) else ORDER_RULES[order]
+            scores = rule(s)  # [B, L]; rules run under no_grad
+        scores = scores.float()  # [B, L]
         # Masked positions rank above all others whatever a rule returns (-inf or NaN included); a
         # stable sort breaks ties towards the left.
         scores = scores.nan_to_num(nan=-3e38, neginf=-3e38).masked_fill(~masked, -math.inf)  # [B, L]
@@ -473,165 +517,244 @@ def commit(logits, temperature, generators):
 # steps that remain, J(x_t) = sum_{s < t} H(x_s), with H(x) = sum_{j masked} H(p_theta(. | x)_j).
 # Its one-step lookahead is H(x_{t-1}), the masked entropy right after this step's reveals. Measuring
 # it exactly for each candidate i costs one forward per candidate (score_lookahead above). BoE instead
-# relaxes the discrete reveal into embedding space and expands to first order:
+# treats a reveal as a move of one input embedding and expands to first order:
 #
-#   reveal i:        e_i = E[MASK]  ->  e~_i = sum_v w_i(v) E[v],   w_i ~ p_i ** (1 / tau)
-#   probes P:        masked positions that are not candidates; H~(e) = sum_{j in P} H(p_j(. | e))
-#   first order:     H~(.. e_i = e~_i ..) - H~(.. e_i = E[MASK] ..)  ~  <dH~/de_i, e~_i - E[MASK]>
-#   TIS_i = -<g_i, delta_i>,   g_i = dH~/de_i at the surrogate state,  delta_i = e~_i - E[MASK]
+#   reveal i:     e_i = E[MASK]  ->  E[MASK] + delta_i
+#   cost:         H(e) = sum_{j in P} H(p_j(. | e)),   P = the probes (masked positions)
+#   first order:  H(.. e_i + delta_i ..) - H(e*)  ~  <g_i, delta_i>,   g = dH/de at a point e*
+#   TIS_i = -<g_i, delta_i>                       (higher = a larger predicted drop of the entropy left)
 #
-# The surrogate state puts every candidate at its soft embedding at once, so g is one gradient of
-# one scalar with respect to the whole input: one backward gives the TIS of every candidate. Higher
-# TIS = a larger predicted drop of the entropy left. The backward runs with active = candidates |
-# probes (ActiveQueryAttention, attn_kernel.py): every attention layer passes gradient only through
-# the outputs of those rows. The entropy is read at the probes and must reach the candidates, so both
-# stay active. The paths through the other rows' attention outputs are dropped: exact in the last
+# g is one gradient of one scalar with respect to the whole input, so one backward gives the TIS of
+# every position at once. What remains to choose is where to take it (e*) and which way a reveal
+# points (delta):
+#
+#   linearize="surrogate"  (the paper) e* puts every candidate at its soft embedding at once,
+#       e~_i = sum_v w_i(v) E[v], w_i ~ p_i ** (1 / tau); the probes are the masked positions that are
+#       not candidates, and delta_i = e~_i - E[MASK]. TIS_i then expands the drop that moving i from
+#       E[MASK] to e~_i causes *with every other candidate already soft-revealed*. Cost per step: the
+#       step's forward, a second forward at e*, one backward.
+#   linearize="state"  [ours] e* = embed(x_t), the real state, every masked position at E[MASK]; every
+#       masked position is a probe. TIS_i then expands the drop of revealing i alone, which is what the
+#       exact lookahead measures. e* is the input of the step's own forward, so that forward runs with
+#       gradient tracking and one backward follows: 1 forward + 1 backward per step, no second forward.
+#
+# Why the state: softening every candidate together lets each soft reveal already say what another's
+# would, so in the surrogate state a decisive token's own effect is mostly gone. Measured on the
+# built-in task (README), the drop the surrogate expands ranks candidates against the real single
+# reveal at Spearman -0.37; the state has no such error to make. Both stay first-order: revealing a
+# token moves its embedding far (|delta| is about the size of an embedding) and the entropy responds
+# strongly nonlinearly along that path, so TIS ranks only roughly like the exact drop (README).
+#
+#   reveal="soft"    delta_i = e~_i - E[MASK], the expected reveal (the paper)
+#   reveal="onehot"  delta_i = E[argmax p_i] - E[MASK], the reveal the sampler commits [ours]
+#
+# From g to a score (influence_scores): the tangent -<g_i, delta_i> is the paper's TIS; the default
+# keeps only its size |g_i| [ours], which ranks more like the exact drop here (README). From scores to
+# the step's reveals (boe_scores): the paper's score, with its confidence gate and anti-collapse
+# penalty, then a set rule [ours]: one reveal a step chosen by score, the rest of the budget by
+# confidence, because a step's reveals are committed together and influential tokens are the ones
+# most tied to each other.
+#
+# The backward runs with `active` rows (ActiveQueryAttention, attn_kernel.py): every attention layer
+# passes gradient only through the outputs of those rows. The entropy is read at the probes and must
+# reach the candidates, so both stay active (at the state: every masked position, known before the
+# forward). The paths through the other rows' attention outputs are dropped: exact in the last
 # layer, an approximation below it, which the paper accepts for an O(|A| L d) backward.
 
 
-def token_influence(logits_fn, embeds, delta, probes, mask_id=None, active=None):
-    """TIS at every position: -<dH/de_i, delta_i>, where H is the summed entropy at the probes.
+def entropy_gradient(logits_fn, embeds, probes, mask_id=None, active=None):
+    """One forward and one backward: the logits at `embeds` and g = dH/d embeds, H = the summed
+    entropy at the probes.
 
     logits_fn : embeds [B, L, D] -> logits [B, L, V]; called as logits_fn(e, active=active) when
                 `active` (bool [B, L]) is given, so the model can run the sparse adjoint
     embeds    : [B, L, D] the input embeddings at which the gradient is taken
-    delta     : [B, L, D] the change of input embedding a reveal makes at each position
     probes    : bool [B, L] positions whose entropy is the cost
     mask_id   : vocabulary column removed before the softmax (an MDM never predicts [MASK])
-    returns   : [B, L], float32 or wider; rows are independent (the gradient of a sum over rows)
+    returns   : logits [B, L, V] (detached), g [B, L, D] float32 or wider; rows are independent
     """
     with torch.enable_grad():  # also inside a sampler's no_grad
         embeds = embeds.detach().requires_grad_(True)  # [B, L, D]
         logits = logits_fn(embeds) if active is None else logits_fn(embeds, active=active)  # [B, L, V]
+        kept = logits
         if mask_id is not None:
             keep = torch.arange(logits.shape[-1], device=logits.device) != mask_id  # [V]
-            logits = logits[..., keep]  # [B, L, V - 1]
+            kept = logits[..., keep]  # [B, L, V - 1]
         precision = torch.promote_types(logits.dtype, torch.float32)  # at least fp32 for the entropy
-        logp = logits.to(precision).log_softmax(-1)  # [B, L, V']
+        logp = kept.to(precision).log_softmax(-1)  # [B, L, V']
         probe_entropy = -(logp.exp() * logp).sum(-1)  # [B, L]
         (grad,) = torch.autograd.grad((probe_entropy * probes).sum(), embeds)  # [B, L, D]
-    return -(grad.to(precision) * delta.to(precision)).sum(-1)  # [B, L]
+    return logits.detach(), grad.to(precision)
 
 
-def soft_embeddings(s):
-    """e~ = sum_v w(v) E[v] at every position; w = softmax(logits / tau) is p ** (1 / tau) renormalised."""
-    table = s.model.token_embedding.weight.detach()  # [V, D]
-    return (s.logits / s.cfg.tau).softmax(-1).to(table.dtype) @ table  # [B, L, D]
+def influence_scores(grad, delta, cfg):
+    """Each position's predicted influence [B, L] from g = dH/de [B, L, D] and the reveal's delta:
+      "tangent"  TIS_i = -<g_i, delta_i>: the first-order drop of the entropy left (the paper)
+      "norm"     |g_i|, how strongly the entropy left depends on anything at i [ours]. A reveal moves
+                 e_i far, along a strongly curved path on which the tangent's sign and size are often
+                 wrong; on average revealing a token can only lower the others' entropy (conditioning
+                 does not raise entropy in expectation), so the size of the sensitivity is kept and
+                 its direction dropped. Positions with delta = 0 (not candidates) score 0."""
+    if cfg.estimator == "norm":
+        return grad.norm(dim=-1) * delta.ne(0).any(-1)  # [B, L]
+    return -(grad * delta.to(grad.dtype)).sum(-1)  # [B, L]
 
 
-def boe_candidates_and_tis(s):
-    """BoE's candidates and probes (bool [B, L] each) and the candidates' TIS ([B, L], 0 elsewhere)."""
-    cfg, model = s.cfg, s.model
-    L = s.tokens.shape[1]
-    confidence, own_entropy = score_confidence(s), entropy(s.probs)  # [B, L], [B, L]
-    if not s.has_choice.any():  # every row reveals all it has left: no need to rank
-        return s.masked, torch.zeros_like(s.masked), torch.zeros_like(confidence)
-    if cfg.candidates == 0:
-        # [ours, an ablation] Every masked position is a candidate and a probe. A decisive token is
-        # never among the most confident (its dependents are at least as confident as it), so the
-        # paper's prefilter cannot pick it; the price is that a candidate's own entropy, which the
-        # reveal removes from the cost rather than changes, enters its score.
-        candidates = probes = s.masked  # [B, L]
+def boe_step(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, progress=1.0, revealable=None):
+    """One BoE decoding step on any masked diffusion model: it runs the step's forward itself (with
+    gradient tracking where it needs one) and scores the positions to reveal.
+
+    tokens     : [B, L] the current state x_t
+    masked     : bool [B, L] positions still [MASK]: their entropy is the cost
+    budget     : [B] reveals this step; the caller reveals the `budget` best-scoring positions
+    embedding  : [V, D] the input embedding table (a Hugging Face model's get_input_embeddings().weight)
+    logits_fn  : embeds [B, L, D] -> logits [B, L, V]; also called as logits_fn(e, active=rows)
+    mask_id    : id of [MASK]
+    cfg        : SamplerConfig, BoE's knobs
+    progress   : steps left / steps: 1 at the first step, 1 / T at the last; scales the penalty floor
+    revealable : bool [B, L] positions that may be revealed now (the current block of a block-wise
+                 decoder); default every masked position
+    returns    : logits [B, L, V] at x_t, float32 with [MASK] at -inf: the prediction to commit from;
+                 scores [B, L], higher = reveal first;
+                 charged, bool [B]: rows for which BoE's extra passes ran (at the state one backward;
+                 at the surrogate one forward and one backward)
+    """
+    logits, candidates, tis, charged = boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id,
+                                                     cfg, revealable)
+    probs = logits.softmax(-1)  # [B, L, V]
+    confidence, own_entropy = probs.max(-1).values, entropy(probs)  # [B, L], [B, L]
+    scores = boe_scores(tis, candidates, confidence, own_entropy, budget, progress, cfg)  # [B, L]
+    return logits, scores, charged
+
+
+def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, revealable=None):
+    """The part of boe_step that runs the passes: logits [B, L, V] (float32, [MASK] at -inf), the
+    candidates (bool [B, L]), their TIS ([B, L], 0 elsewhere) and the charged rows (bool [B])."""
+    revealable = masked if revealable is None else masked & revealable  # [B, L]
+    embeds = embedding.detach()[tokens]  # [B, L, D]
+    has_choice = budget < revealable.sum(1)  # [B] rows that reveal less than all they may
+    # With `influential` set, a row revealing one token this step reveals it by confidence and needs
+    # no TIS (boe_scores says why).
+    needs_tis = has_choice & ((budget > 1) | (cfg.influential == 0))  # [B]
+    no_tis = torch.zeros(tokens.shape, device=tokens.device)  # [B, L]
+    at_state = cfg.linearize == "state" and cfg.use_tis and bool(needs_tis.any())
+    if at_state:  # the step's forward, with gradient tracking; every masked position is a probe
+        active = masked if cfg.sparse_backward else None  # [B, L]
+        logits, grad = entropy_gradient(logits_fn, embeds, masked, mask_id, active)  # [B, L, V], [B, L, D]
     else:
-        # Candidates: the r most confident masked positions, r at least the step budget, so that
-        # every position revealed this step has a score. Probes: the other masked positions.
-        count = torch.maximum(torch.full_like(s.budget, cfg.candidates), s.budget)  # [B]
-        positions, valid = top_masked(confidence, s.masked, count)  # [B, K]
-        candidates = torch.zeros_like(s.masked).scatter(1, positions, valid)  # [B, L]
-        probes = s.masked & ~candidates  # [B, L]
-    # Probes capped to the ceil(rho * L) of highest entropy: the paper's active-fraction knob.
-    n_probes = math.ceil(cfg.rho * L)
-    if n_probes < L:
-        keep, keep_valid = top_masked(own_entropy, probes, torch.full_like(s.budget, n_probes))  # [B, P]
-        probes = torch.zeros_like(probes).scatter(1, keep, keep_valid)  # [B, L]
-    if not cfg.use_tis or not probes.any():
-        return candidates, probes, torch.zeros_like(confidence)
-    table = model.token_embedding.weight.detach()  # [V, D]
-    soft = soft_embeddings(s)  # [B, L, D]
-    hard = model.embed(s.tokens).detach()  # [B, L, D]
-    surrogate = torch.where(candidates[..., None], soft, hard)  # [B, L, D]
-    delta = (soft - table[model.mask_id]) * candidates[..., None]  # [B, L, D]
+        with torch.no_grad():
+            logits = logits_fn(embeds)  # [B, L, V]
+    logits = logits.float()  # [B, L, V]
+    logits[..., mask_id] = -math.inf  # the model never proposes [MASK]
+    if not needs_tis.any():  # no row has a choice that TIS would decide
+        return logits, revealable, no_tis, torch.zeros_like(has_choice)
+
+    confidence = logits.softmax(-1).max(-1).values  # [B, L]
+    if cfg.candidates == 0:  # every revealable position is a candidate [ours]
+        candidates = revealable  # [B, L]
+    else:  # the paper's prefilter: the r most confident, at least the budget, so every reveal has a score
+        count = torch.maximum(torch.full_like(budget, cfg.candidates), budget)  # [B]
+        positions, valid = top_masked(confidence, revealable, count)  # [B, K]
+        candidates = torch.zeros_like(masked).scatter(1, positions, valid)  # [B, L]
+    revealed = reveal_embeddings(logits, embedding, cfg)  # [B, L, D]
+    delta = (revealed - embedding.detach()[mask_id].to(revealed.dtype)) * candidates[..., None]  # [B, L, D]
+    if at_state:
+        return logits, candidates, influence_scores(grad, delta, cfg), needs_tis
+
+    probes = surrogate_probes(logits, masked, candidates, budget, cfg)  # [B, L]
+    charged = needs_tis & probes.any(1) & cfg.use_tis  # [B]
+    if not charged.any():
+        return logits, candidates, no_tis, charged
+    surrogate = torch.where(candidates[..., None], revealed.to(embeds.dtype), embeds)  # [B, L, D]
     active = (candidates | probes) if cfg.sparse_backward else None  # [B, L]
-    tis = token_influence(model.forward_embeds, surrogate, delta, probes, model.mask_id, active)  # [B, L]
-    # The surrogate runs on the whole batch; a row without a choice or without probes would skip
-    # it if run alone, so only the others are charged.
-    charged = s.has_choice & probes.any(1)  # [B]
-    s.forwards += charged
-    s.backwards += charged
-    return candidates, probes, tis * candidates
+    _, grad = entropy_gradient(logits_fn, surrogate, probes, mask_id, active)  # [B, L, D]
+    return logits, candidates, influence_scores(grad, delta, cfg), charged
 
 
-def score_boe(s):
-    """The BoE rule: s_i = gate(c_i) * normalise(TIS_i) - lambda * [h_t - H_i]_+^2 on the candidates.
+def reveal_embeddings(logits, embedding, cfg):
+    """Where a reveal moves each position's input embedding: [B, L, D], float32 or wider (cfg.reveal)."""
+    table = embedding.detach()  # [V, D]
+    table = table.to(torch.promote_types(table.dtype, torch.float32))  # [V, D]
+    if cfg.reveal == "soft":  # e~ = sum_v w(v) E[v]; softmax(logits / tau) is p ** (1 / tau) renormalised
+        return (logits / cfg.tau).softmax(-1).to(table.dtype) @ table  # [B, L, D]
+    return table[logits.argmax(-1)]  # [B, L, D] E[argmax p]
+
+
+def surrogate_probes(logits, masked, candidates, budget, cfg):
+    """The surrogate's probes: masked positions that are not candidates (the surrogate reveals those),
+    capped to the ceil(rho * L) of highest entropy, the paper's active-fraction knob."""
+    probes = masked & ~candidates  # [B, L]
+    n_probes = math.ceil(cfg.rho * masked.shape[1])
+    if n_probes < masked.shape[1]:
+        own_entropy = entropy(logits.softmax(-1))  # [B, L]
+        keep, keep_valid = top_masked(own_entropy, probes, torch.full_like(budget, n_probes))  # [B, P]
+        probes = torch.zeros_like(probes).scatter(1, keep, keep_valid)  # [B, L]
+    return probes
+
+
+def boe_scores(tis, candidates, confidence, own_entropy, budget, progress, cfg):
+    """BoE's score on the candidates: s_i = gate(c_i) * normalise(TIS_i) - lambda * [h_t - H_i]_+^2.
 
     gate = c ** gamma keeps low-confidence tokens from being revealed on TIS alone [ours]; TIS is
     min-max normalised over each row's candidates [ours]. The penalty is the paper's anti-collapse
-    regulariser: its floor h_t = h_max * t / T (t = steps left) decays linearly over the run, so early
-    steps avoid spending reveals on tokens that are already nearly certain; t counts the steps left,
-    the index of x_t, so the floor is h_max / T at the last step, where every row reveals all it has
-    left. Where a row has no probes (r covers every masked position) there is no TIS, the normalised
-    influence is 0 and the score is minus the penalty alone; equal scores go to the leftmost
-    positions."""
-    candidates, _, tis = boe_candidates_and_tis(s)  # [B, L], [B, L]
-    return boe_scores(s, candidates, tis)
+    regulariser: its floor h_t = h_max * t / T (t = steps left, so progress = t / T) decays linearly,
+    so early steps avoid spending reveals on tokens that are already nearly certain; it is h_max / T
+    at the last step, where every row reveals all it has left. Without TIS (the ablation) gate and
+    penalty alone rank; a row without probes has TIS 0 and its penalty alone ranks.
 
-
-def boe_scores(s, candidates, tis):
-    """score_boe's formula, given the candidates and their TIS."""
-    cfg = s.cfg
-    confidence, own_entropy = score_confidence(s), entropy(s.probs)  # [B, L], [B, L]
+    Then the set [ours]: with influential = k, only the k best-scoring candidates are revealed on
+    their score and the rest of the budget goes to the most confident positions. TIS scores one
+    reveal at a time, yet the reveals of a step are committed together from their marginals; the
+    tokens that most lower everyone else's uncertainty are also the most tied to each other, and two
+    of them committed in one step can disagree. Confident tokens are nearly determined, so committing
+    them alongside is safe. At most budget - 1 reveals go by score: lowering the entropy left is worth
+    something because later reveals are committed several at a time, and a row that reveals one
+    token a step never is, so it reveals by confidence (and boe_influence runs no backward for it).
+    influential = 0 ranks the whole budget by score (the paper)."""
     if cfg.use_tis:
         low = tis.masked_fill(~candidates, math.inf).min(1, keepdim=True).values  # [B, 1]
         high = tis.masked_fill(~candidates, -math.inf).max(1, keepdim=True).values  # [B, 1]
         influence = (tis - low) / (high - low).clamp_min(1e-12)  # [B, L] in [0, 1]
     else:
         influence = torch.ones_like(tis)  # [B, L]
-    floor = cfg.h_max * s.steps_left / s.steps  # h_t = h_max * t / T, t = steps left (T down to 1)
-    penalty = cfg.lam * (floor - own_entropy).clamp_min(0) ** 2  # [B, L]
+    penalty = cfg.lam * (cfg.h_max * progress - own_entropy).clamp_min(0) ** 2  # [B, L]
     scores = confidence ** cfg.gamma * influence - penalty  # [B, L]
+    if cfg.influential:
+        count = torch.minimum(torch.full_like(budget, cfg.influential), budget - 1).clamp_min(0)  # [B]
+        positions, valid = top_masked(scores, candidates, count)  # [B, K]
+        candidates = torch.zeros_like(candidates).scatter(1, positions, valid)  # [B, L] the chosen few
     return candidates_first(scores, candidates, confidence)  # [B, L]
-
-
-ORDER_RULES = {
-    "random": score_random,
-    "left-to-right": score_left_to_right,
-    "confidence": score_confidence,
-    "margin": score_margin,
-    "entropy": score_entropy,
-    "lookahead": score_lookahead,
-    "boe": score_boe,
-}
 
 
 # -----------------------------------------------------------------------------
 # 5. Compute accounting, evaluation and the main job
 
 
-def backward_cost(model, prompts, sparse, repeats=9):
-    """What BoE's surrogate forward + backward costs beyond one forward, in forwards, measured on this
-    model and batch (median of `repeats`). A BoE step counts 2 forwards + this many per backward."""
+def backward_cost(model, prompts, sparse, repeats=15):
+    """What BoE's pass costs beyond a plain forward, in forwards: a forward with gradient tracking and
+    one backward, against a forward under no_grad, on this model and batch. The two are timed back to
+    back `repeats` times and the median ratio is kept, which a drift of the machine's speed between
+    the two measurements cannot bias. A BoE step at the state counts 1 forward + this, at the
+    surrogate 2 forwards + this."""
     masked = prompts == model.mask_id  # [B, L]
     embeds = model.embed(prompts).detach()  # [B, L, D]
-    delta = torch.ones_like(embeds)  # [B, L, D]
 
     def forward():
         with torch.no_grad():
             predict(model, prompts)
 
     def forward_backward():
-        token_influence(model.forward_embeds, embeds, delta, masked, model.mask_id,
-                        masked if sparse else None)
+        entropy_gradient(model.forward_embeds, embeds, masked, model.mask_id, masked if sparse else None)
 
-    def median_seconds(fn):
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
-
-    return max(median_seconds(forward_backward) / median_seconds(forward) - 1, 0.0)
+    forward(), forward_backward()  # warm-up
+    ratios = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        forward()
+        middle = time.perf_counter()
+        forward_backward()
+        ratios.append((time.perf_counter() - middle) / (middle - start))
+    return max(sorted(ratios)[len(ratios) // 2] - 1, 0.0)
 
 
 def wilson_interval(successes, n, z=1.96):
@@ -651,12 +774,11 @@ def evaluate(model, prompts, label, order, steps, cfg, bwd_cost):
 
 
 @torch.no_grad()
-def soft_reveal_drops(s, context, positions, valid, probes):
+def reveal_drops(s, context, revealed, positions, valid, probes):
     """For each candidate i (two forwards each): the drop of the probes' entropy when e_i moves from
-    E[MASK] to its soft embedding e~_i, every other position keeping its embedding in `context`
-    [B, L, D]. With context = the surrogate state, TIS is the first-order estimate of this drop."""
+    E[MASK] to revealed[i] [B, L, D], every other position keeping its embedding in `context`
+    [B, L, D]. With the context at TIS's linearisation point, the tangent expands exactly this drop."""
     rows = torch.arange(len(positions), device=positions.device)  # [B]
-    soft = soft_embeddings(s)  # [B, L, D]
     mask_embedding = s.model.token_embedding.weight[s.model.mask_id]  # [D]
 
     def probe_entropy(embeds):
@@ -667,59 +789,70 @@ def soft_reveal_drops(s, context, positions, valid, probes):
     drops = torch.zeros(positions.shape, device=positions.device)  # [B, K]
     for k in range(positions.shape[1]):
         pos = positions[:, k]  # [B]
-        masked_i, soft_i = context.clone(), context.clone()  # [B, L, D] each
-        masked_i[rows, pos] = mask_embedding
-        soft_i[rows, pos] = soft[rows, pos]
-        drops[:, k] = probe_entropy(masked_i) - probe_entropy(soft_i)
+        before, after = context.clone(), context.clone()  # [B, L, D] each
+        before[rows, pos] = mask_embedding
+        after[rows, pos] = revealed[rows, pos]
+        drops[:, k] = probe_entropy(before) - probe_entropy(after)
     return drops.masked_fill(~valid, 0.0)  # [B, K]
 
 
-# The rankings tis_fidelity compares, in pairs that walk from TIS to the exact lookahead.
-TIS_PAIRS = (("tis", "surrogate"), ("surrogate", "alone"), ("alone", "hard"), ("tis", "masked"))
+# The rankings tis_fidelity compares, in pairs that walk from BoE's estimate to the exact lookahead.
+FIDELITY_PAIRS = (("estimate", "target"), ("target", "alone"), ("alone", "hard"), ("estimate", "lookahead"))
 
 
-def tis_fidelity(model, prompts, steps, cfg):
-    """How well TIS ranks BoE's candidates, over (row, step) pairs with probes and at least 3
-    candidates: the mean Spearman correlation of two rankings, and how often their top choices agree.
-    The exact references, each measured with one or two forwards per candidate:
-      surrogate  drop of the probes' entropy when candidate i goes from E[MASK] to its soft embedding,
-                 the other candidates soft: exactly what TIS expands to first order, so TIS vs
-                 surrogate is the error of the expansion (and of the active-row backward)
-      alone      the same drop with the other candidates masked, as in x_t: surrogate vs alone is the
-                 effect of softening every candidate at once
+def tis_fidelity(model, prompts, steps_list, cfg):
+    """How well BoE's estimate ranks its candidates along its own decodings (one per budget in
+    steps_list), over the decisions that use it with at least 3 candidates: the mean Spearman
+    correlation of two rankings, and how often their top choices agree. The exact references, each
+    measured with one or two forwards per candidate:
+      target     drop of the probes' entropy when candidate i moves from E[MASK] to its reveal, every
+                 other position as at the linearisation point: what the tangent expands to first
+                 order, so estimate vs target is the error of the expansion (and of the active rows)
+      alone      the same drop with the other candidates masked, as in x_t: target vs alone is the
+                 effect of softening every candidate at once (none at the state, where target = alone)
       hard       drop of the probes' entropy when candidate i is revealed (argmax) in x_t: alone vs
                  hard is the error of relaxing a reveal into embedding space
-      masked     what the exact lookahead ranks by, H_i + the entropy left on the other masked
-                 positions: TIS vs masked is the error of the whole approximation"""
-    results = {pair: ([], []) for pair in TIS_PAIRS}  # pair -> (correlations, agreements)
+      lookahead  what the exact lookahead ranks by, H_i + the entropy left on the other masked
+                 positions: estimate vs lookahead is the error of the whole approximation"""
+    results = {pair: ([], []) for pair in FIDELITY_PAIRS}  # pair -> (correlations, agreements)
+    table = model.token_embedding.weight.detach()  # [V, D]
 
     def rank(x):
         return x.argsort(-1).argsort(-1).float()  # [k]
 
     def score_and_compare(s):
-        candidates, probes, tis = boe_candidates_and_tis(s)  # [B, L] each
+        logits, candidates, tis, charged = boe_influence(s.tokens, s.masked, s.budget, table,
+                                                         model.forward_embeds, model.mask_id, cfg)
         positions, valid = top_masked(candidates.float(), candidates, candidates.sum(1))  # [B, K]
-        valid &= probes.any(1, keepdim=True)  # [B, K] without probes there is no TIS to judge
-        hard_context = s.model.embed(s.tokens)  # [B, L, D]
-        surrogate = torch.where(candidates[..., None], soft_embeddings(s), hard_context)  # [B, L, D]
-        future_only = replace(s, cfg=replace(s.cfg, lookahead_own_entropy=False))
-        information_gain = replace(s, cfg=replace(s.cfg, lookahead_own_entropy=True))
+        valid &= charged[:, None]  # [B, K] decisions that used the estimate
+        at_state = cfg.linearize == "state"
+        probes = s.masked if at_state else surrogate_probes(logits, s.masked, candidates, s.budget, cfg)
+        revealed = reveal_embeddings(logits, table, cfg).to(table.dtype)  # [B, L, D]
+        state = model.embed(s.tokens)  # [B, L, D]
+        point = state if at_state else torch.where(candidates[..., None], revealed, state)  # [B, L, D]
+        future_only = replace(s, cfg=replace(cfg, lookahead_own_entropy=False))
+        information_gain = replace(s, cfg=replace(cfg, lookahead_own_entropy=True))
         scores = dict(  # name -> [B, K], larger = better candidate
-            tis=tis.gather(1, positions),
-            surrogate=soft_reveal_drops(s, surrogate, positions, valid, probes),
-            alone=soft_reveal_drops(s, hard_context, positions, valid, probes),
+            estimate=tis.gather(1, positions),
+            target=reveal_drops(s, point, revealed, positions, valid, probes),
             hard=-lookahead_costs(future_only, positions, valid, probes),
-            masked=-lookahead_costs(information_gain, positions, valid))
+            lookahead=-lookahead_costs(information_gain, positions, valid))
+        scores["alone"] = scores["target"] if at_state else reveal_drops(s, state, revealed, positions, valid, probes)
         for row in torch.nonzero(valid.sum(1) >= 3).flatten().tolist():
-            for pair in TIS_PAIRS:
+            for pair in FIDELITY_PAIRS:
+                if at_state and pair == ("target", "alone"):
+                    continue
                 a, b = (scores[name][row, valid[row]] for name in pair)  # [k], [k]
                 ra, rb = rank(a) - rank(a).mean(), rank(b) - rank(b).mean()  # [k], [k]
                 results[pair][0].append(((ra * rb).sum() / (ra.norm() * rb.norm())).item())
                 results[pair][1].append(bool(a.argmax() == b.argmax()))
-        return boe_scores(s, candidates, tis)
+        probs = logits.softmax(-1)  # [B, L, V]
+        return boe_scores(tis, candidates, probs.max(-1).values, entropy(probs), s.budget,
+                          s.steps_left / s.steps, cfg)
 
-    generate(model, prompts, steps, score_and_compare, cfg)
-    summary = dict(steps=steps, decisions=len(results[TIS_PAIRS[0]][0]))
+    for steps in steps_list:
+        generate(model, prompts, steps, score_and_compare, cfg)
+    summary = dict(decisions=len(results[FIDELITY_PAIRS[0]][0]))
     for pair, (correlations, agreements) in results.items():  # None where there was no decision
         n = len(correlations)
         summary[pair] = (sum(correlations) / n, sum(agreements) / n) if n else None
@@ -731,46 +864,67 @@ def ablations(cfg):
     return [
         ("lookahead (future only)", "lookahead", replace(cfg, lookahead_own_entropy=False)),
         ("lookahead (K=4)", "lookahead", replace(cfg, lookahead_k=4)),
+        ("boe (tangent)", "boe", replace(cfg, estimator="tangent")),
+        ("boe (tangent, soft)", "boe", replace(cfg, estimator="tangent", reveal="soft")),
+        ("boe (whole budget)", "boe", replace(cfg, influential=0)),
+        ("boe (2 influential)", "boe", replace(cfg, influential=2)),
+        ("boe (tangent, whole budget)", "boe", replace(cfg, estimator="tangent", influential=0)),
         ("boe (no TIS)", "boe", replace(cfg, use_tis=False)),
         ("boe (no penalty)", "boe", replace(cfg, lam=0.0)),
         ("boe (gate, gamma=1)", "boe", replace(cfg, gamma=1.0)),
         ("boe (r=4)", "boe", replace(cfg, candidates=4)),
-        ("boe (all candidates)", "boe", replace(cfg, candidates=0)),
-        ("boe (dense backward)", "boe", replace(cfg, sparse_backward=False)),
-    ] + [(f"boe (rho=1/{n})", "boe", replace(cfg, rho=1 / n)) for n in (8, 4, 2)]
+        ("boe (dense backward)" if cfg.sparse_backward else "boe (active rows)", "boe",
+         replace(cfg, sparse_backward=not cfg.sparse_backward)),
+        ("boe (paper, all candidates)", "boe", replace(PAPER_BOE, candidates=0)),
+        ("boe (paper, dense backward)", "boe", replace(PAPER_BOE, sparse_backward=False)),
+    ] + [(f"boe (paper, rho=1/{n})", "boe", replace(PAPER_BOE, rho=1 / n)) for n in (8, 4, 2)]
 
 
 def tune(model, instances, steps_list, cfg):
-    """Grid search over BoE's knobs on instances of the tuning seed (never the evaluation seed)."""
+    """Grid search over BoE's knobs at the state on instances of the tuning seed (never the evaluation
+    seed); the best row became SamplerConfig's defaults."""
     prompts, _ = make_instances(instances, seed=0)
+    trials = [replace(cfg, estimator=estimator, reveal=reveal, influential=influential, lam=lam, h_max=h_max,
+                      sparse_backward=sparse)
+              for estimator, reveal in (("tangent", "onehot"), ("tangent", "soft"), ("norm", "onehot"))
+              for influential in (0, 1) for lam, h_max in ((0.0, 0.0), (1.0, 0.5)) for sparse in (True, False)]
     results = []
-    for candidates in (0, 4, 8):
-        for tau in (0.1, 1.0):
-            for gamma in (0.0, 1.0):
-                for lam, h_max in ((0.0, 0.0), (1.0, 0.5), (4.0, 1.0)):
-                    trial = replace(cfg, candidates=candidates, tau=tau, gamma=gamma, lam=lam, h_max=h_max)
-                    accuracy = sum(check(generate(model, prompts, steps, "boe", trial)[0]).float().mean().item()
-                                   for steps in steps_list) / len(steps_list)
-                    results.append((accuracy, trial))
+    for trial in trials:
+        accuracy = sum(check(generate(model, prompts, steps, "boe", trial)[0]).float().mean().item()
+                       for steps in steps_list) / len(steps_list)
+        results.append((accuracy, trial))
     results.sort(key=lambda r: -r[0])
     print(f"BoE tuning on {instances} instances of seed 0, mean accuracy over steps {steps_list}:")
-    for accuracy, trial in results[:8]:
-        print(f"  {accuracy:.3f}  candidates={trial.candidates} tau={trial.tau} gamma={trial.gamma} "
-              f"lam={trial.lam} h_max={trial.h_max}")
+    for accuracy, trial in results[:10]:
+        print(f"  {accuracy:.3f}  estimator={trial.estimator} reveal={trial.reveal} influential={trial.influential} "
+              f"lam={trial.lam} h_max={trial.h_max} sparse_backward={trial.sparse_backward}")
 
 
-def show_trajectories(model, instance, steps, cfg, seed):
+def show_trajectories(model, instance, steps, configs, seed):
     """One instance decoded by every order rule, step by step, as text."""
     prompts, _ = make_instances(instance + 1, seed)
     prompt = prompts[instance:]  # [1, L]
     print(f"instance {instance} of seed {seed}, {steps} steps ('_' = [MASK], '=' ends the prompt)")
-    for order in ORDER_RULES:
+    for label, order, cfg in configs:
         tokens, record = generate(model, prompt, steps, order, cfg)
-        print(f"\n{order}: {'solved' if check(tokens)[0] else 'NOT solved'}")
+        print(f"\n{label}: {'solved' if check(tokens)[0] else 'NOT solved'}")
         for t in range(steps):
             state = torch.where(record["reveal_step"][0] <= t, tokens[0], prompt[0])  # [L]
             revealed = torch.nonzero(record["reveal_step"][0] == t).flatten().tolist()
             print(f"  step {t + 1}: {render(state)}   revealed positions {revealed}")
+
+
+def print_frontier(rows):
+    """Every row by cost, marking the compute frontier: rows that no cheaper (or equally cheap) row
+    matches in accuracy."""
+    print("\nCompute frontier: every row by fwd-equiv; * = no row at most as costly is as accurate")
+    print(f"{'order':<30}{'steps':>6}{'fwd-equiv':>11}{'accuracy':>10}")
+    best = -1.0
+    for row in sorted(rows, key=lambda r: (r["fwd_equiv"], -r["accuracy"])):
+        on_frontier = row["accuracy"] > best
+        best = max(best, row["accuracy"])
+        print(f"{row['order']:<30}{row['steps']:>6}{row['fwd_equiv']:>11.1f}{row['accuracy']:>10.3f}"
+              f"{'  *' if on_frontier else ''}")
 
 
 def main():
@@ -780,6 +934,8 @@ def main():
     parser.add_argument("--eval-seed", type=int, default=1, help="seed of the evaluation instances "
                         "(BoE's knobs were tuned on seed 0; --tune uses seed 0)")
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 3, 5, 9], help="step budgets")
+    parser.add_argument("--paper", action="store_true", help="BoE in the paper's configuration "
+                        "(PAPER_BOE: the surrogate state) everywhere 'boe' runs")
     parser.add_argument("--full", action="store_true", help="add the ablation rows")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--show", type=int, metavar="INSTANCE", help="print one instance's decoding "
@@ -797,36 +953,45 @@ def main():
 
     model = load_or_train(ModelConfig(), TrainConfig(steps=args.train_steps, cache=args.cache),
                           args.retrain)
-    cfg = SamplerConfig()
+    cfg = PAPER_BOE if args.paper else SamplerConfig()
+    configs = [(order, order, cfg) for order in ORDERS]
+    if not args.paper:
+        configs.append(("boe (paper)", "boe", PAPER_BOE))
     if args.tune:
         return tune(model, args.instances, args.steps, cfg)
     if args.show is not None:
-        return show_trajectories(model, args.show, args.steps[0], cfg, args.eval_seed)
+        return show_trajectories(model, args.show, args.steps[0], configs, args.eval_seed)
 
     prompts, _ = make_instances(args.instances, args.eval_seed)
     timing_batch, _ = make_instances(512, args.eval_seed)  # fixed size, so the ratio does not depend on --instances
     bwd_cost = {sparse: backward_cost(model, timing_batch, sparse) for sparse in (True, False)}
-    print(f"measured cost of one BoE backward, in forwards: {bwd_cost[True]:.2f} with active rows, "
-          f"{bwd_cost[False]:.2f} dense")
-    configs = [(order, order, cfg) for order in ORDER_RULES] + (ablations(cfg) if args.full else [])
+    print(f"measured cost of BoE's backward (a forward with gradient tracking + one backward, beyond a "
+          f"plain forward), in forwards: {bwd_cost[True]:.2f} with active rows, {bwd_cost[False]:.2f} dense")
+    main_rows = {label for label, _, _ in configs}  # the frontier leaves out the ablations
+    configs += ablations(cfg) if args.full else []
     rows = [evaluate(model, prompts, label, order, steps, run_cfg, bwd_cost[run_cfg.sparse_backward])
             for steps in args.steps for label, order, run_cfg in configs]
     print(f"\n{args.instances} evaluation instances (seed {args.eval_seed}); fwd-equiv = forwards + "
           f"backwards x measured backward cost, per instance")
-    print(f"{'order':<26}{'steps':>6}{'accuracy':>10}{'95% interval':>17}{'fwd-equiv':>11}{'wall s':>8}")
+    print(f"{'order':<30}{'steps':>6}{'accuracy':>10}{'95% interval':>17}{'fwd-equiv':>11}{'wall s':>8}")
     for row in rows:
         low, high = row["ci95"]
-        print(f"{row['order']:<26}{row['steps']:>6}{row['accuracy']:>10.3f}   [{low:.3f}, {high:.3f}]"
+        print(f"{row['order']:<30}{row['steps']:>6}{row['accuracy']:>10.3f}   [{low:.3f}, {high:.3f}]"
               f"{row['fwd_equiv']:>11.1f}{row['wall_s']:>8.2f}")
+    print_frontier([row for row in rows if row["order"] in main_rows])
     fidelity_prompts = prompts[:250]  # the exact costs need one forward per candidate: a subset
-    print(f"\nHow TIS ranks BoE's candidates against exact one-step drops ({len(fidelity_prompts)} "
-          f"instances; see tis_fidelity): mean Spearman, how often the top choices agree")
-    print(f"{'steps':>6}{'decisions':>10}" + "".join(f"{a + ' vs ' + b:>20}" for a, b in TIS_PAIRS))
-    for steps in args.steps:
-        fid = tis_fidelity(model, fidelity_prompts, steps, cfg)
-        print(f"{steps:>6}{fid['decisions']:>10}" + "".join(
-            f"{'n/a':>20}" if fid[pair] is None else f"{fid[pair][0]:+14.2f} {fid[pair][1]:5.0%}"
-            for pair in TIS_PAIRS))
+    print(f"\nHow BoE's estimate ranks its candidates against exact one-step drops ({len(fidelity_prompts)} "
+          f"instances, decodings at steps {args.steps}; see tis_fidelity): mean Spearman, how often the top "
+          f"choices agree")
+    fidelity_configs = [(label, run_cfg) for label, _, run_cfg in configs if label in ("boe", "boe (paper)")]
+    if cfg.estimator != "tangent":  # the tangent at the same point, to compare the estimators
+        fidelity_configs.append(("boe (tangent)", replace(cfg, estimator="tangent")))
+    print(f"{'':<16}{'decisions':>10}" + "".join(f"{a + ' vs ' + b:>22}" for a, b in FIDELITY_PAIRS))
+    for label, run_cfg in fidelity_configs:
+        fid = tis_fidelity(model, fidelity_prompts, args.steps, run_cfg)
+        print(f"{label:<16}{fid['decisions']:>10}" + "".join(
+            f"{'n/a':>22}" if fid[pair] is None else f"{fid[pair][0]:+16.2f} {fid[pair][1]:5.0%}"
+            for pair in FIDELITY_PAIRS))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -534,7 +534,7 @@ def test_bench_gpu_code_runs_in_the_interpreter(monkeypatch):
     monkeypatch.setattr(boe, "ATTENTION_BACKEND", boe.ATTENTION_BACKEND)  # boe_step_functions sets it
     monkeypatch.setattr(bench, "BOE_MODEL", dict(vocab_size=64, mask_id=63, seq_len=40, n_layer=1, n_head=2,
                                                  d_model=32))
-    for name, value in dict(BOE_BATCH=2, BOE_PROMPT=8, BOE_BUDGET=8, BOE_CANDIDATES=8).items():
+    for name, value in dict(BOE_BATCH=2, BOE_PROMPT=8, BOE_BUDGET=4, BOE_CANDIDATES=8).items():
         monkeypatch.setattr(bench, name, value)
 
     impls, candidate, reference = bench.implementations(True, "cpu", torch.float32)
@@ -557,7 +557,8 @@ def test_bench_gpu_code_runs_in_the_interpreter(monkeypatch):
             executed[row["impl"]] / (4 * seq_len + 10 * a))
 
     boe_rows = bench.boe_steps("cpu", torch.float32, bench.cpu_times_ms)
-    assert [row["step"] for row in boe_rows] == ["confidence step", bench.BOE_GOAL_STEP, "BoE step, dense backward"]
+    assert [row["step"] for row in boe_rows] == ["confidence step", bench.BOE_GOAL_STEP, "BoE step, dense backward",
+                                                 "BoE step, paper's surrogate"]
     assert all(row["ms"] > 0 and row["peak_gib"] is None for row in boe_rows)  # peak memory needs CUDA
     assert all(0 < row["attention_share"] <= 1 and row["kernels_share"] is None for row in boe_rows)  # no GPU kernels
     bench.print_summary(rows, [seq_len], [16], rhos)

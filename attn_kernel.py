@@ -534,7 +534,7 @@ def sdpa_active_rows(active, backend="auto"):
     yields : a dict counting the calls, {"routed": n, "passed": m}; a model that calls SDPA once per
              layer routes one call per layer and forward, which shows the sparse path really ran
 
-    Served: self-attention with q, k, v of shape [B, H, L, D] for this B and L (keys and values may
+    Served: attention with q, k, v of shape [B, H, L, D] for this B and L (keys and values may
     have fewer heads with enable_gqa=True; they are repeated to the query heads as SDPA does), no
     attn_mask or an all-true boolean one, dropout_p = 0, is_causal = False. Every other call goes to
     the SDPA that was in place before, unchanged. Not reached: a reference to SDPA taken before the
@@ -545,6 +545,9 @@ def sdpa_active_rows(active, backend="auto"):
     if active is None:
         yield counts
         return
+    if not isinstance(active, torch.Tensor) or active.dtype != torch.bool or active.dim() != 2:
+        raise TypeError(f"active must be None or a bool tensor [B, L]; got {getattr(active, 'dtype', type(active))} "
+                        f"of shape {tuple(getattr(active, 'shape', ()))}")
     previous = F.scaled_dot_product_attention
 
     def route(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -569,7 +572,7 @@ def _servable(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, ac
     if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (query, key, value)):
         return False
     (batch, heads, seq_len, head_dim), kv_heads = query.shape, key.shape[1]
-    grouped = kv_heads == heads or (enable_gqa and kv_heads > 0 and heads % kv_heads == 0)
+    grouped = heads > 0 and (kv_heads == heads or (enable_gqa and kv_heads > 0 and heads % kv_heads == 0))
     return (grouped and key.shape == value.shape == (batch, kv_heads, seq_len, head_dim)
             and active.shape == (batch, seq_len) and active.device == query.device
             and dropout_p == 0 and not is_causal

@@ -174,7 +174,7 @@ def render(tokens):
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000         # optimizer steps (about 2.5 minutes on 2 CPU cores)
+    steps: int = 3000         # optimizer steps (about 1.5 minutes on 2 CPU cores)
     batch_size: int = 128     # sequences per step
     lr: float = 3e-3          # peak AdamW learning rate (cosine decay to 10 %)
     seed: int = 0             # seeds the weights and the training data
@@ -255,7 +255,7 @@ class SamplerConfig:
     lookahead_k: int = 0            # exact lookahead: candidates per step (most confident first); 0 = all
     lookahead_own_entropy: bool = True  # lookahead cost = own entropy + future entropy; False = future only
     # BoE's knobs (section 4). The defaults are the best of `python boe.py --tune` (instances of seed 0
-    # only); PAPER_BOE below is the paper's configuration.
+    # only; its grid allows 0 or 1 influential reveals); PAPER_BOE below is the paper's configuration.
     linearize: str = "state"        # BoE: where the gradient is taken: "state" = the real state x_t, in
                                     # the step's own forward; "surrogate" = every candidate soft (paper)
     reveal: str = "onehot"          # BoE: a reveal's direction: "onehot" = E[argmax p] - E[MASK];
@@ -424,6 +424,10 @@ def check_generate_args(model, prompts, steps, order, cfg):
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
     if not callable(order) and order not in ORDERS:
         raise ValueError(f"unknown order rule {order!r}; choose one of {', '.join(ORDERS)}")
+    check_sampler_config(cfg)
+
+
+def check_sampler_config(cfg):
     if not isinstance(cfg, SamplerConfig):
         raise TypeError(f"cfg must be a SamplerConfig; got {type(cfg).__name__}")
     if cfg.candidates < 0:
@@ -452,7 +456,9 @@ def generate(model, prompts, steps, order="boe", cfg=SamplerConfig(), seed=0):
     the name of a rule in ORDER_RULES, or a function of a Step that returns scores [B, L].
 
     Returns (tokens [B, L], record). Row b draws its random numbers (random order, sampling) from a
-    generator seeded with seed + b, so a row gives the same output alone as in a batch. record:
+    generator seeded with seed + b, so a row gives the same output alone as in a batch (up to the last
+    bits of float arithmetic: with the Triton kernels on a GPU, a BoE step's forward is theirs in a
+    batch that needs a backward and SDPA's in one that does not). record:
       reveal_step [B, L]  step at which each position was revealed (-1: given in the prompt)
       forwards    [B]     forward passes spent on each row
       backwards   [B]     backward passes spent on each row
@@ -534,16 +540,18 @@ def commit(logits, temperature, generators):
 #       E[MASK] to e~_i causes *with every other candidate already soft-revealed*. Cost per step: the
 #       step's forward, a second forward at e*, one backward.
 #   linearize="state"  [ours] e* = embed(x_t), the real state, every masked position at E[MASK]; every
-#       masked position is a probe. TIS_i then expands the drop of revealing i alone, which is what the
-#       exact lookahead measures. e* is the input of the step's own forward, so that forward runs with
-#       gradient tracking and one backward follows: 1 forward + 1 backward per step, no second forward.
+#       masked position is a probe. TIS_i then expands the drop of revealing i alone, the drop the
+#       exact lookahead measures (the lookahead leaves i's own entropy out of the cost; here i is one
+#       of the probes). e* is the input of the step's own forward, so that forward runs with gradient
+#       tracking and one backward follows: 1 forward + 1 backward per step, no second forward.
 #
 # Why the state: softening every candidate together lets each soft reveal already say what another's
 # would, so in the surrogate state a decisive token's own effect is mostly gone. Measured on the
-# built-in task (README), the drop the surrogate expands ranks candidates against the real single
-# reveal at Spearman -0.37; the state has no such error to make. Both stay first-order: revealing a
-# token moves its embedding far (|delta| is about the size of an embedding) and the entropy responds
-# strongly nonlinearly along that path, so TIS ranks only roughly like the exact drop (README).
+# built-in task (README), the drop the surrogate expands ranks candidates against the same soft
+# reveal made alone in x_t at Spearman -0.37; the state has no such error to make. Both stay
+# first-order: revealing a token moves its embedding far (|delta| is about the size of an embedding)
+# and the entropy responds strongly nonlinearly along that path, so TIS ranks only roughly like the
+# exact drop (README).
 #
 #   reveal="soft"    delta_i = e~_i - E[MASK], the expected reveal (the paper)
 #   reveal="onehot"  delta_i = E[argmax p_i] - E[MASK], the reveal the sampler commits [ours]
@@ -575,7 +583,7 @@ def entropy_gradient(logits_fn, embeds, probes, mask_id=None, active=None):
     """
     with torch.enable_grad():  # also inside a sampler's no_grad
         embeds = embeds.detach().requires_grad_(True)  # [B, L, D]
-        logits = logits_fn(embeds) if active is None else logits_fn(embeds, active=active)  # [B, L, V]
+        logits = call_logits_fn(logits_fn, embeds, active)  # [B, L, V]
         kept = logits
         if mask_id is not None:
             keep = torch.arange(logits.shape[-1], device=logits.device) != mask_id  # [V]
@@ -587,17 +595,35 @@ def entropy_gradient(logits_fn, embeds, probes, mask_id=None, active=None):
     return logits.detach(), grad.to(precision)
 
 
-def influence_scores(grad, delta, cfg):
-    """Each position's predicted influence [B, L] from g = dH/de [B, L, D] and the reveal's delta:
+def call_logits_fn(logits_fn, embeds, active=None):
+    """logits_fn(embeds), or logits_fn(embeds, active=active); a clear error where it returns no logits."""
+    try:
+        logits = logits_fn(embeds) if active is None else logits_fn(embeds, active=active)  # [B, L, V]
+    except TypeError as err:
+        if active is not None and "active" in str(err):
+            raise TypeError("logits_fn must take an `active` keyword (bool [B, L]: the rows the backward "
+                            "follows; see attn_kernel.sdpa_active_rows), or set sparse_backward=False") from err
+        raise
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != embeds.shape[:2] \
+            or not logits.dtype.is_floating_point:
+        raise TypeError(f"logits_fn must return float logits [B, L, V] with B, L = {tuple(embeds.shape[:2])}; got "
+                        f"{type(logits).__name__} {tuple(getattr(logits, 'shape', ()))} (for a Hugging Face "
+                        f"model return model(...).logits)")
+    return logits
+
+
+def influence_scores(grad, delta, candidates, cfg):
+    """Each candidate's predicted influence [B, L] (0 elsewhere) from g = dH/de [B, L, D], the reveal's
+    delta [B, L, D] and the candidates (bool [B, L]):
       "tangent"  TIS_i = -<g_i, delta_i>: the first-order drop of the entropy left (the paper)
       "norm"     |g_i|, how strongly the entropy left depends on anything at i [ours]. A reveal moves
                  e_i far, along a strongly curved path on which the tangent's sign and size are often
                  wrong; on average revealing a token can only lower the others' entropy (conditioning
                  does not raise entropy in expectation), so the size of the sensitivity is kept and
-                 its direction dropped. Positions with delta = 0 (not candidates) score 0."""
+                 its direction dropped."""
     if cfg.estimator == "norm":
-        return grad.norm(dim=-1) * delta.ne(0).any(-1)  # [B, L]
-    return -(grad * delta.to(grad.dtype)).sum(-1)  # [B, L]
+        return grad.norm(dim=-1) * candidates  # [B, L]
+    return -(grad * delta.to(grad.dtype)).sum(-1) * candidates  # [B, L]
 
 
 def boe_step(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, progress=1.0, revealable=None):
@@ -615,39 +641,75 @@ def boe_step(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, progres
     revealable : bool [B, L] positions that may be revealed now (the current block of a block-wise
                  decoder); default every masked position
     returns    : logits [B, L, V] at x_t, float32 with [MASK] at -inf: the prediction to commit from;
-                 scores [B, L], higher = reveal first;
-                 charged, bool [B]: rows for which BoE's extra passes ran (at the state one backward;
-                 at the surrogate one forward and one backward)
+                 scores [B, L], higher = reveal first, -inf where a position may not be revealed;
+                 charged, bool [B]: rows for which BoE's extra passes ran (at the state: the forward
+                 ran with gradient tracking and one backward followed; at the surrogate: a second
+                 forward and one backward)
+    To paste it elsewhere, take section 4 with `entropy`, `top_masked`, `candidates_first` and the
+    BoE fields of SamplerConfig.
     """
-    logits, candidates, tis, charged = boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id,
-                                                     cfg, revealable)
+    check_sampler_config(cfg)
+    check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, revealable)
+    logits, candidates, influence, charged = boe_influence(tokens, masked, budget, embedding, logits_fn,
+                                                           mask_id, cfg, revealable)
     probs = logits.softmax(-1)  # [B, L, V]
     confidence, own_entropy = probs.max(-1).values, entropy(probs)  # [B, L], [B, L]
-    scores = boe_scores(tis, candidates, confidence, own_entropy, budget, progress, cfg)  # [B, L]
-    return logits, scores, charged
+    scores = boe_scores(influence, candidates, confidence, own_entropy, budget, progress, cfg)  # [B, L]
+    revealable = masked if revealable is None else masked & revealable  # [B, L]
+    return logits, scores.masked_fill(~revealable, -math.inf), charged
+
+
+def check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, revealable):
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point \
+            or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must be an integer tensor [B, L]; got {getattr(tokens, 'dtype', type(tokens))} "
+                        f"of shape {tuple(getattr(tokens, 'shape', ()))}")
+    if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2 or not embedding.dtype.is_floating_point:
+        raise TypeError("embedding must be the model's input embedding table, a float tensor [V, D]")
+    vocab = embedding.shape[0]
+    if isinstance(mask_id, bool) or not isinstance(mask_id, int) or not 0 <= mask_id < vocab:
+        raise ValueError(f"mask_id must be an int in [0, V = {vocab}); got {mask_id!r}")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab):
+        raise ValueError(f"token ids must lie in [0, V = {vocab}), the rows of the embedding table")
+    for name, mask in (("masked", masked), ("revealable", revealable)):
+        if name == "revealable" and mask is None:
+            continue
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != tokens.shape:
+            raise TypeError(f"{name} must be a bool tensor of the shape of tokens {tuple(tokens.shape)}; got "
+                            f"{getattr(mask, 'dtype', type(mask))} of shape {tuple(getattr(mask, 'shape', ()))}")
+        if mask.device != tokens.device:
+            raise ValueError(f"{name} must be on the device of tokens ({tokens.device}); got {mask.device}")
+    if (masked & (tokens != mask_id)).any():
+        raise ValueError(f"masked marks positions whose token is not mask_id {mask_id}")
+    if not isinstance(budget, torch.Tensor) or budget.shape != tokens.shape[:1] or budget.dtype.is_floating_point \
+            or budget.dtype == torch.bool or budget.device != tokens.device:
+        raise TypeError(f"budget must be an integer tensor [B] = [{tokens.shape[0]}] on the device of tokens; "
+                        f"got {getattr(budget, 'dtype', type(budget))} of shape {tuple(getattr(budget, 'shape', ()))}")
+    if budget.numel() and budget.min() < 0:
+        raise ValueError("budget must be >= 0")
+    if isinstance(progress, bool) or not isinstance(progress, (int, float)) or not 0 < progress <= 1:
+        raise ValueError(f"progress (steps left / steps) must lie in (0, 1]; got {progress!r}")
 
 
 def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, revealable=None):
     """The part of boe_step that runs the passes: logits [B, L, V] (float32, [MASK] at -inf), the
-    candidates (bool [B, L]), their TIS ([B, L], 0 elsewhere) and the charged rows (bool [B])."""
+    candidates (bool [B, L]), their influence ([B, L], 0 elsewhere) and the charged rows (bool [B])."""
     revealable = masked if revealable is None else masked & revealable  # [B, L]
     embeds = embedding.detach()[tokens]  # [B, L, D]
     has_choice = budget < revealable.sum(1)  # [B] rows that reveal less than all they may
     # With `influential` set, a row revealing one token this step reveals it by confidence and needs
     # no TIS (boe_scores says why).
-    needs_tis = has_choice & ((budget > 1) | (cfg.influential == 0))  # [B]
-    no_tis = torch.zeros(tokens.shape, device=tokens.device)  # [B, L]
-    at_state = cfg.linearize == "state" and cfg.use_tis and bool(needs_tis.any())
+    needs_tis = has_choice & ((budget > 1) | (cfg.influential == 0)) & cfg.use_tis  # [B]
+    no_influence = torch.zeros(tokens.shape, device=tokens.device)  # [B, L]
+    at_state = cfg.linearize == "state" and bool(needs_tis.any())
     if at_state:  # the step's forward, with gradient tracking; every masked position is a probe
         active = masked if cfg.sparse_backward else None  # [B, L]
         logits, grad = entropy_gradient(logits_fn, embeds, masked, mask_id, active)  # [B, L, V], [B, L, D]
     else:
         with torch.no_grad():
-            logits = logits_fn(embeds)  # [B, L, V]
+            logits = call_logits_fn(logits_fn, embeds)  # [B, L, V]
     logits = logits.float()  # [B, L, V]
     logits[..., mask_id] = -math.inf  # the model never proposes [MASK]
-    if not needs_tis.any():  # no row has a choice that TIS would decide
-        return logits, revealable, no_tis, torch.zeros_like(has_choice)
 
     confidence = logits.softmax(-1).max(-1).values  # [B, L]
     if cfg.candidates == 0:  # every revealable position is a candidate [ours]
@@ -656,19 +718,21 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
         count = torch.maximum(torch.full_like(budget, cfg.candidates), budget)  # [B]
         positions, valid = top_masked(confidence, revealable, count)  # [B, K]
         candidates = torch.zeros_like(masked).scatter(1, positions, valid)  # [B, L]
-    revealed = reveal_embeddings(logits, embedding, cfg)  # [B, L, D]
-    delta = (revealed - embedding.detach()[mask_id].to(revealed.dtype)) * candidates[..., None]  # [B, L, D]
+    if not needs_tis.any():  # no row has a choice that TIS would decide
+        return logits, candidates, no_influence, needs_tis
+    reveal_embeds = reveal_embeddings(logits, embedding, cfg)  # [B, L, D]
+    delta = (reveal_embeds - embedding.detach()[mask_id].to(reveal_embeds.dtype)) * candidates[..., None]  # [B, L, D]
     if at_state:
-        return logits, candidates, influence_scores(grad, delta, cfg), needs_tis
+        return logits, candidates, influence_scores(grad, delta, candidates, cfg), needs_tis
 
     probes = surrogate_probes(logits, masked, candidates, budget, cfg)  # [B, L]
-    charged = needs_tis & probes.any(1) & cfg.use_tis  # [B]
+    charged = needs_tis & probes.any(1)  # [B]
     if not charged.any():
-        return logits, candidates, no_tis, charged
-    surrogate = torch.where(candidates[..., None], revealed.to(embeds.dtype), embeds)  # [B, L, D]
+        return logits, candidates, no_influence, charged
+    surrogate = torch.where(candidates[..., None], reveal_embeds.to(embeds.dtype), embeds)  # [B, L, D]
     active = (candidates | probes) if cfg.sparse_backward else None  # [B, L]
     _, grad = entropy_gradient(logits_fn, surrogate, probes, mask_id, active)  # [B, L, D]
-    return logits, candidates, influence_scores(grad, delta, cfg), charged
+    return logits, candidates, influence_scores(grad, delta, candidates, cfg), charged
 
 
 def reveal_embeddings(logits, embedding, cfg):
@@ -692,8 +756,9 @@ def surrogate_probes(logits, masked, candidates, budget, cfg):
     return probes
 
 
-def boe_scores(tis, candidates, confidence, own_entropy, budget, progress, cfg):
-    """BoE's score on the candidates: s_i = gate(c_i) * normalise(TIS_i) - lambda * [h_t - H_i]_+^2.
+def boe_scores(influence, candidates, confidence, own_entropy, budget, progress, cfg):
+    """BoE's score on the candidates: s_i = gate(c_i) * normalise(TIS_i) - lambda * [h_t - H_i]_+^2,
+    with `influence` as TIS.
 
     gate = c ** gamma keeps low-confidence tokens from being revealed on TIS alone [ours]; TIS is
     min-max normalised over each row's candidates [ours]. The penalty is the paper's anti-collapse
@@ -712,18 +777,19 @@ def boe_scores(tis, candidates, confidence, own_entropy, budget, progress, cfg):
     token a step never is, so it reveals by confidence (and boe_influence runs no backward for it).
     influential = 0 ranks the whole budget by score (the paper)."""
     if cfg.use_tis:
-        low = tis.masked_fill(~candidates, math.inf).min(1, keepdim=True).values  # [B, 1]
-        high = tis.masked_fill(~candidates, -math.inf).max(1, keepdim=True).values  # [B, 1]
-        influence = (tis - low) / (high - low).clamp_min(1e-12)  # [B, L] in [0, 1]
+        low = influence.masked_fill(~candidates, math.inf).min(1, keepdim=True).values  # [B, 1]
+        high = influence.masked_fill(~candidates, -math.inf).max(1, keepdim=True).values  # [B, 1]
+        normalised = (influence - low) / (high - low).clamp_min(1e-12)  # [B, L] in [0, 1]
     else:
-        influence = torch.ones_like(tis)  # [B, L]
+        normalised = torch.ones_like(influence)  # [B, L]
     penalty = cfg.lam * (cfg.h_max * progress - own_entropy).clamp_min(0) ** 2  # [B, L]
-    scores = confidence ** cfg.gamma * influence - penalty  # [B, L]
-    if cfg.influential:
-        count = torch.minimum(torch.full_like(budget, cfg.influential), budget - 1).clamp_min(0)  # [B]
-        positions, valid = top_masked(scores, candidates, count)  # [B, K]
-        candidates = torch.zeros_like(candidates).scatter(1, positions, valid)  # [B, L] the chosen few
-    return candidates_first(scores, candidates, confidence)  # [B, L]
+    scores = confidence ** cfg.gamma * normalised - penalty  # [B, L]
+    if not cfg.influential:
+        return candidates_first(scores, candidates, confidence)  # [B, L]
+    count = torch.minimum(torch.full_like(budget, cfg.influential), budget - 1).clamp_min(0)  # [B]
+    positions, valid = top_masked(scores, candidates, count)  # [B, K]
+    chosen = torch.zeros_like(candidates).scatter(1, positions, valid)  # [B, L] revealed on their score
+    return candidates_first(scores, chosen, confidence)  # [B, L] the rest by confidence
 
 
 # -----------------------------------------------------------------------------
@@ -774,9 +840,9 @@ def evaluate(model, prompts, label, order, steps, cfg, bwd_cost):
 
 
 @torch.no_grad()
-def reveal_drops(s, context, revealed, positions, valid, probes):
+def reveal_drops(s, context, reveal_embeds, positions, valid, probes):
     """For each candidate i (two forwards each): the drop of the probes' entropy when e_i moves from
-    E[MASK] to revealed[i] [B, L, D], every other position keeping its embedding in `context`
+    E[MASK] to reveal_embeds[i] [B, L, D], every other position keeping its embedding in `context`
     [B, L, D]. With the context at TIS's linearisation point, the tangent expands exactly this drop."""
     rows = torch.arange(len(positions), device=positions.device)  # [B]
     mask_embedding = s.model.token_embedding.weight[s.model.mask_id]  # [D]
@@ -791,7 +857,7 @@ def reveal_drops(s, context, revealed, positions, valid, probes):
         pos = positions[:, k]  # [B]
         before, after = context.clone(), context.clone()  # [B, L, D] each
         before[rows, pos] = mask_embedding
-        after[rows, pos] = revealed[rows, pos]
+        after[rows, pos] = reveal_embeds[rows, pos]
         drops[:, k] = probe_entropy(before) - probe_entropy(after)
     return drops.masked_fill(~valid, 0.0)  # [B, K]
 
@@ -810,8 +876,9 @@ def tis_fidelity(model, prompts, steps_list, cfg):
                  order, so estimate vs target is the error of the expansion (and of the active rows)
       alone      the same drop with the other candidates masked, as in x_t: target vs alone is the
                  effect of softening every candidate at once (none at the state, where target = alone)
-      hard       drop of the probes' entropy when candidate i is revealed (argmax) in x_t: alone vs
-                 hard is the error of relaxing a reveal into embedding space
+      hard       drop of the other probes' entropy when candidate i is revealed (argmax) in x_t: alone
+                 vs hard is the error of relaxing a reveal into embedding space, and at the state also
+                 of counting i's own entropy, which is a probe there and still in the cost
       lookahead  what the exact lookahead ranks by, H_i + the entropy left on the other masked
                  positions: estimate vs lookahead is the error of the whole approximation"""
     results = {pair: ([], []) for pair in FIDELITY_PAIRS}  # pair -> (correlations, agreements)
@@ -821,23 +888,24 @@ def tis_fidelity(model, prompts, steps_list, cfg):
         return x.argsort(-1).argsort(-1).float()  # [k]
 
     def score_and_compare(s):
-        logits, candidates, tis, charged = boe_influence(s.tokens, s.masked, s.budget, table,
-                                                         model.forward_embeds, model.mask_id, cfg)
+        logits, candidates, influence, charged = boe_influence(s.tokens, s.masked, s.budget, table,
+                                                               model.forward_embeds, model.mask_id, cfg)
         positions, valid = top_masked(candidates.float(), candidates, candidates.sum(1))  # [B, K]
         valid &= charged[:, None]  # [B, K] decisions that used the estimate
         at_state = cfg.linearize == "state"
         probes = s.masked if at_state else surrogate_probes(logits, s.masked, candidates, s.budget, cfg)
-        revealed = reveal_embeddings(logits, table, cfg).to(table.dtype)  # [B, L, D]
+        reveal_embeds = reveal_embeddings(logits, table, cfg).to(table.dtype)  # [B, L, D]
         state = model.embed(s.tokens)  # [B, L, D]
-        point = state if at_state else torch.where(candidates[..., None], revealed, state)  # [B, L, D]
+        point = state if at_state else torch.where(candidates[..., None], reveal_embeds, state)  # [B, L, D]
         future_only = replace(s, cfg=replace(cfg, lookahead_own_entropy=False))
         information_gain = replace(s, cfg=replace(cfg, lookahead_own_entropy=True))
         scores = dict(  # name -> [B, K], larger = better candidate
-            estimate=tis.gather(1, positions),
-            target=reveal_drops(s, point, revealed, positions, valid, probes),
+            estimate=influence.gather(1, positions),
+            target=reveal_drops(s, point, reveal_embeds, positions, valid, probes),
             hard=-lookahead_costs(future_only, positions, valid, probes),
             lookahead=-lookahead_costs(information_gain, positions, valid))
-        scores["alone"] = scores["target"] if at_state else reveal_drops(s, state, revealed, positions, valid, probes)
+        scores["alone"] = (scores["target"] if at_state
+                           else reveal_drops(s, state, reveal_embeds, positions, valid, probes))
         for row in torch.nonzero(valid.sum(1) >= 3).flatten().tolist():
             for pair in FIDELITY_PAIRS:
                 if at_state and pair == ("target", "alone"):
@@ -847,7 +915,7 @@ def tis_fidelity(model, prompts, steps_list, cfg):
                 results[pair][0].append(((ra * rb).sum() / (ra.norm() * rb.norm())).item())
                 results[pair][1].append(bool(a.argmax() == b.argmax()))
         probs = logits.softmax(-1)  # [B, L, V]
-        return boe_scores(tis, candidates, probs.max(-1).values, entropy(probs), s.budget,
+        return boe_scores(influence, candidates, probs.max(-1).values, entropy(probs), s.budget,
                           s.steps_left / s.steps, cfg)
 
     for steps in steps_list:
@@ -880,11 +948,12 @@ def ablations(cfg):
     ] + [(f"boe (paper, rho=1/{n})", "boe", replace(PAPER_BOE, rho=1 / n)) for n in (8, 4, 2)]
 
 
-def tune(model, instances, steps_list, cfg):
+def tune(model, instances, steps_list):
     """Grid search over BoE's knobs at the state on instances of the tuning seed (never the evaluation
-    seed); the best row became SamplerConfig's defaults."""
+    seed); the best row became SamplerConfig's defaults. The grid holds 0 (the paper) or 1 reveals a
+    step by score: more than one is what the set rule exists to avoid (README, ablations)."""
     prompts, _ = make_instances(instances, seed=0)
-    trials = [replace(cfg, estimator=estimator, reveal=reveal, influential=influential, lam=lam, h_max=h_max,
+    trials = [replace(SamplerConfig(), estimator=estimator, reveal=reveal, influential=influential, lam=lam, h_max=h_max,
                       sparse_backward=sparse)
               for estimator, reveal in (("tangent", "onehot"), ("tangent", "soft"), ("norm", "onehot"))
               for influential in (0, 1) for lam, h_max in ((0.0, 0.0), (1.0, 0.5)) for sparse in (True, False)]
@@ -940,7 +1009,7 @@ def main():
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--show", type=int, metavar="INSTANCE", help="print one instance's decoding "
                         "by every order rule at the first --steps budget, instead of the table")
-    parser.add_argument("--tune", action="store_true", help="grid-search BoE's knobs on seed 0")
+    parser.add_argument("--tune", action="store_true", help="grid-search BoE's knobs at the state on seed 0")
     parser.add_argument("--train-steps", type=int, default=TrainConfig.steps, help="training steps "
                         "(a cache made with other settings is retrained)")
     parser.add_argument("--cache", default=TrainConfig.cache, help="trained weights file")
@@ -958,7 +1027,7 @@ def main():
     if not args.paper:
         configs.append(("boe (paper)", "boe", PAPER_BOE))
     if args.tune:
-        return tune(model, args.instances, args.steps, cfg)
+        return tune(model, args.instances, args.steps)
     if args.show is not None:
         return show_trajectories(model, args.show, args.steps[0], configs, args.eval_seed)
 

@@ -122,10 +122,13 @@ def test_entropy_gradient_is_the_same_when_called_under_no_grad():
 
 
 def test_forward_logits_unchanged_by_active_rows():
+    # With gradient tracking, as in a BoE step, so that the active-row path really runs.
     model = random_model(torch.float64)
     embeds, _, probes = random_tis_inputs(model, seed=7)
+    sparse = model.forward_embeds(embeds.requires_grad_(), active=probes)  # [B, L, V]
+    assert sparse.grad_fn is not None
     with torch.no_grad():
-        assert torch.equal(model.forward_embeds(embeds, active=probes), model.forward_embeds(embeds))
+        assert torch.equal(sparse, model.forward_embeds(embeds))
 
 
 @needs_triton
@@ -164,7 +167,7 @@ def test_fused_step_gives_the_logits_and_influence_of_separate_passes(estimator,
                                    masked if sparse else None)  # [B, L, D]
     delta = (table[plain_logits.argmax(-1)] - table[boe.MASK]) * masked[..., None]  # [B, L, D]
     assert torch.equal(candidates, masked) and torch.equal(charged, budget < masked.sum(1))
-    assert torch.allclose(influence, boe.influence_scores(grad, delta, cfg), rtol=1e-12, atol=1e-15)
+    assert torch.allclose(influence, boe.influence_scores(grad, delta, masked, cfg), rtol=1e-12, atol=1e-15)
 
 
 # -----------------------------------------------------------------------------
@@ -313,6 +316,61 @@ def test_charged_passes_are_the_passes_that_run(order, cfg, monkeypatch):
         ran.update(forwards=0, backwards=0)
         _, record = boe.generate(model, prompts[row : row + 1], 3, order, cfg)
         assert (record["forwards"].item(), record["backwards"].item()) == (ran["forwards"], ran["backwards"])
+
+
+@pytest.mark.parametrize("cfg", [boe.SamplerConfig(), boe.PAPER_BOE], ids=["default", "paper"])
+def test_boe_step_scores_only_revealable_masked_positions(cfg):
+    # A block-wise decoder passes the current block as `revealable`: the candidates, the choice and
+    # every finite score stay inside it, whatever the caller then ranks.
+    model = random_model()
+    tokens = torch.full((3, boe.SEQ_LEN), boe.MASK)  # [B, L]
+    tokens[:, : boe.PROMPT_LEN] = boe.make_instances(3, 0)[0][:, : boe.PROMPT_LEN]
+    masked = tokens == boe.MASK  # [B, L]
+    block = torch.zeros_like(masked)  # [B, L]
+    block[:, boe.PROMPT_LEN : boe.PROMPT_LEN + 4] = True
+    table = model.token_embedding.weight
+    budget = torch.tensor([2, 3, 4])  # [B]; the last row reveals its whole block: no choice
+    _, candidates, _, charged = boe.boe_influence(tokens, masked, budget, table, model.forward_embeds, boe.MASK,
+                                                  cfg, block)
+    assert not (candidates & ~block).any()
+    assert charged.tolist() == [True, True, False]  # probes include the masked positions of later blocks
+    _, scores, _ = boe.boe_step(tokens, masked, budget, table, model.forward_embeds, boe.MASK, cfg, revealable=block)
+    assert torch.equal(scores.isfinite(), masked & block)
+
+
+def boe_step_args(**bad):
+    model = random_model()
+    tokens = partly_masked_prompts(2)
+    args = dict(tokens=tokens, masked=tokens == boe.MASK, budget=torch.tensor([2, 2]),
+                embedding=model.token_embedding.weight, logits_fn=model.forward_embeds, mask_id=boe.MASK,
+                cfg=boe.SamplerConfig(), progress=1.0, revealable=None)
+    args.update(bad)
+    return args
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(tokens=torch.zeros(2, 18)), TypeError, "tokens must be an integer tensor"),
+    (dict(tokens=torch.full((2, 18), 99)), ValueError, "token ids must lie in"),
+    (dict(masked=torch.zeros(2, 18, dtype=torch.long)), TypeError, "masked must be a bool tensor"),
+    (dict(masked=torch.zeros(2, 17, dtype=torch.bool)), TypeError, "masked must be a bool tensor"),
+    (dict(masked=torch.ones(2, 18, dtype=torch.bool)), ValueError, "masked marks positions whose token"),
+    (dict(revealable=torch.ones(2, 18)), TypeError, "revealable must be a bool tensor"),
+    (dict(budget=2), TypeError, "budget must be an integer tensor"),
+    (dict(budget=torch.tensor([2.0, 2.0])), TypeError, "budget must be an integer tensor"),
+    (dict(budget=torch.tensor([2])), TypeError, "budget must be an integer tensor"),
+    (dict(budget=torch.tensor([-1, 2])), ValueError, "budget must be >= 0"),
+    (dict(embedding=torch.zeros(14)), TypeError, "embedding must be"),
+    (dict(mask_id=14), ValueError, "mask_id must be an int"),
+    (dict(progress=0.0), ValueError, "progress"),
+    (dict(cfg=None), TypeError, "cfg must be a SamplerConfig"),
+    (dict(cfg=boe.SamplerConfig(estimator="nrom")), ValueError, "estimator must be one of"),
+    (dict(logits_fn=lambda embeds: embeds), TypeError, "logits_fn must take an `active` keyword"),
+    (dict(logits_fn=lambda embeds, active=None: types.SimpleNamespace(logits=embeds)), TypeError,
+     "logits_fn must return float logits"),
+], ids=lambda x: None)
+def test_bad_boe_step_input_gets_a_clear_error(bad, error, match):
+    with pytest.raises(error, match=match):
+        boe.boe_step(**boe_step_args(**bad))
 
 
 def test_boe_with_one_reveal_per_step_decodes_as_confidence():
@@ -627,6 +685,15 @@ def test_router_serves_an_all_true_mask_and_grouped_heads_exactly():
     grads = torch.autograd.grad(out, (q, k, v), dout)
     want_grads = torch.autograd.grad(want, (q, k, v), dout)
     assert all(torch.allclose(g, w, rtol=1e-10, atol=1e-12) for g, w in zip(grads, want_grads))
+
+
+def test_router_refuses_an_active_set_that_is_not_a_bool_matrix():
+    with pytest.raises(TypeError, match="active must be None or a bool tensor"):
+        with attn_kernel.sdpa_active_rows(torch.ones(1, 4)):
+            pass
+    with attn_kernel.sdpa_active_rows(torch.ones(1, 4, dtype=torch.bool)) as counts:  # no heads: SDPA's own answer
+        empty = F.scaled_dot_product_attention(*(torch.zeros(1, 0, 4, 16) for _ in range(3)))
+    assert empty.shape == (1, 0, 4, 16) and counts == {"routed": 0, "passed": 1}
 
 
 def test_router_restores_sdpa_on_exit_and_on_an_exception():

@@ -159,15 +159,16 @@ def test_fused_step_gives_the_logits_and_influence_of_separate_passes(estimator,
     budget = torch.full((len(tokens),), 2)  # [B]
     cfg = boe.SamplerConfig(estimator=estimator, sparse_backward=sparse)
     table = model.token_embedding.weight
-    logits, candidates, influence, charged = boe.boe_influence(tokens, masked, budget, table, model.forward_embeds,
-                                                               boe.MASK, cfg)
+    logits, _, candidates, _, influence, charged = boe.boe_influence(tokens, masked, budget, table,
+                                                                     model.forward_embeds, boe.MASK, cfg)
     plain_logits, _ = boe.predict(model, tokens)  # [B, L, V]
     assert torch.equal(logits, plain_logits)
     _, grad = boe.entropy_gradient(model.forward_embeds, model.embed(tokens), masked, boe.MASK,
                                    masked if sparse else None)  # [B, L, D]
     delta = (table[plain_logits.argmax(-1)] - table[boe.MASK]) * masked[..., None]  # [B, L, D]
     assert torch.equal(candidates, masked) and torch.equal(charged, budget < masked.sum(1))
-    assert torch.allclose(influence, boe.influence_scores(grad, delta, masked, cfg), rtol=1e-12, atol=1e-15)
+    want = boe.influence_scores(grad, delta, masked, cfg) * charged[:, None]  # rows with no choice get none
+    assert not charged.all() and torch.allclose(influence, want, rtol=1e-12, atol=1e-15)
 
 
 # -----------------------------------------------------------------------------
@@ -193,9 +194,20 @@ BOE_CONFIGS = {
     "boe-no-tis": boe.SamplerConfig(use_tis=False),
     "boe-r50": boe.SamplerConfig(candidates=50),
 }
+# The adaptive rules at a few bounds, and adaptive BoE in the configurations that change how it picks.
+ADAPTIVE_CONFIGS = {
+    "entropy-bound-0": ("entropy-bound", boe.SamplerConfig(entropy_bound=0.0)),
+    "entropy-bound-1": ("entropy-bound", boe.SamplerConfig(entropy_bound=1.0)),
+    "threshold-0.5": ("threshold", boe.SamplerConfig(confidence_threshold=0.5)),
+    "boe-adaptive-1": ("boe-adaptive", boe.SamplerConfig(entropy_bound=1.0)),
+    "boe-adaptive-always": ("boe-adaptive", boe.SamplerConfig(adaptive_pick="always")),
+    "boe-adaptive-tangent": ("boe-adaptive", boe.SamplerConfig(estimator="tangent", influential=0)),
+    "boe-adaptive-paper": ("boe-adaptive", dataclasses.replace(boe.PAPER_BOE, candidates=2)),
+    "boe-adaptive-no-tis": ("boe-adaptive", boe.SamplerConfig(use_tis=False)),
+}
 RULES = ([(order, boe.SamplerConfig()) for order in ALL_ORDERS] + [("boe", cfg) for cfg in BOE_CONFIGS.values()]
-         + [("lookahead", boe.SamplerConfig(lookahead_k=50))])
-RULE_IDS = ALL_ORDERS + list(BOE_CONFIGS) + ["lookahead-k50"]
+         + [("lookahead", boe.SamplerConfig(lookahead_k=50))] + list(ADAPTIVE_CONFIGS.values()))
+RULE_IDS = ALL_ORDERS + list(BOE_CONFIGS) + ["lookahead-k50"] + list(ADAPTIVE_CONFIGS)
 def partly_masked_prompts(n=6, seed=3):
     """Task prompts with a random part of the answer given, so rows have different masked counts."""
     gen = torch.Generator().manual_seed(seed)
@@ -218,9 +230,14 @@ def test_sampler_keeps_prompt_reveals_each_mask_once_and_follows_schedule(order,
     for row in range(len(prompts)):
         left = int(masked[row].sum())
         for t in range(steps):
-            expected = math.ceil(left / (steps - t)) if left else 0
-            assert int((reveal_step[row] == t).sum()) == expected, f"row {row} step {t}"
-            left -= expected
+            floor = math.ceil(left / (steps - t)) if left else 0  # the fixed schedule's budget
+            revealed = int((reveal_step[row] == t).sum())
+            if order in boe.ADAPTIVE_ORDERS:  # the schedule is their floor, so they finish within `steps`
+                assert floor <= revealed <= left and (revealed > 0 or not left), f"row {row} step {t}"
+            else:
+                assert revealed == floor, f"row {row} step {t}"
+            left -= revealed
+        assert left == 0 and record["forwards"][row] >= int(reveal_step[row].max()) + 1
 
 
 @pytest.mark.parametrize("order, cfg", RULES, ids=RULE_IDS)
@@ -239,13 +256,17 @@ def test_batch_equals_rows_alone_and_seed_repeats(order, cfg, temperature):
             assert alone_record[count][0] == record[count][row], f"row {row} is charged differently alone"
 
 
-def test_candidates_rank_above_every_other_position_however_low_their_scores():
-    candidates = torch.tensor([[True, False, True, False, False], [False] * 5])  # [2, 5]
-    scores = torch.tensor([[-3e4, 9.0, -5e4, 9.0, 9.0], [0.0] * 5])  # [2, 5] far below any fixed offset
-    confidence = torch.tensor([[0.1, 0.2, 0.3, 0.9, 0.5], [0.6, 0.2, 0.3, 0.9, 0.5]])  # [2, 5]
-    ranked = boe.candidates_first(scores, candidates, confidence).argsort(1, descending=True)  # [2, 5]
-    assert ranked[0].tolist() == [0, 2, 3, 4, 1]  # candidates by score, then the rest by confidence
-    assert ranked[1].tolist() == [3, 0, 4, 2, 1]  # no candidates: confidence order
+def test_lookahead_candidates_rank_above_every_other_position_however_large_their_costs(monkeypatch):
+    # The searched candidates must rank above the rest whatever their costs: a fixed offset fails once
+    # costs reach it. Costs far beyond any entropy sum are made up here.
+    monkeypatch.setattr(boe, "lookahead_costs", lambda s, positions, valid, counted=None:
+                        torch.tensor([[3e4, 5e4]]).expand(positions.shape).where(valid, math.inf))
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.9, 0.5]])[..., None].expand(1, 5, 2).clone()  # [1, 5, 2]
+    probs[..., 1] = 1 - probs[..., 0]  # confidence max(p, 1 - p): 0.9, 0.8, 0.7, 0.9, 0.5
+    s = boe.Step(None, torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.bool), probs,
+                 torch.tensor([1]), 1.0, boe.SamplerConfig(lookahead_k=2), [], torch.zeros(1, dtype=torch.long))
+    ranked = boe.score_lookahead(s).argsort(1, descending=True)[0].tolist()  # [5]
+    assert ranked == [0, 3, 1, 2, 4]  # the two most confident by cost (lower first), then the rest by confidence
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -289,11 +310,19 @@ def test_forward_and_backward_counts_are_as_documented():
     assert look["forwards"].tolist() == [steps + 9 + 6] * 4
     _, look_k = boe.generate(model, prompts, steps, "lookahead", boe.SamplerConfig(lookahead_k=4))
     assert look_k["forwards"].tolist() == [steps + 4 + 4] * 4
+    # Adaptive BoE with an unbounded entropy bound reveals everything at once: one forward, no backward.
+    _, all_at_once = boe.generate(model, prompts, 9, "boe-adaptive", boe.SamplerConfig(entropy_bound=math.inf))
+    assert all_at_once["forwards"].tolist() == [1] * 4 and all_at_once["backwards"].tolist() == [0] * 4
+    # With a zero bound it reveals one token a step and picks it at every step but the last: 9 forwards,
+    # 8 backwards (the last step's one token is revealed anyway).
+    _, one_a_step = boe.generate(model, prompts, 9, "boe-adaptive", boe.SamplerConfig(entropy_bound=0.0))
+    assert one_a_step["forwards"].tolist() == [9] * 4 and one_a_step["backwards"].tolist() == [8] * 4
 
 
 @pytest.mark.parametrize("order, cfg", [("confidence", boe.SamplerConfig()), ("lookahead", boe.SamplerConfig()),
-                                        ("boe", boe.SamplerConfig())] + [("boe", cfg) for cfg in BOE_CONFIGS.values()],
-                         ids=["confidence", "lookahead", "boe"] + list(BOE_CONFIGS))
+                                        ("boe", boe.SamplerConfig())] + [("boe", cfg) for cfg in BOE_CONFIGS.values()]
+                         + list(ADAPTIVE_CONFIGS.values()),
+                         ids=["confidence", "lookahead", "boe"] + list(BOE_CONFIGS) + list(ADAPTIVE_CONFIGS))
 def test_charged_passes_are_the_passes_that_run(order, cfg, monkeypatch):
     # Each row decoded alone: the forwards and backwards charged to it are the model forwards and
     # backward passes that really ran.
@@ -330,12 +359,13 @@ def test_boe_step_scores_only_revealable_masked_positions(cfg):
     block[:, boe.PROMPT_LEN : boe.PROMPT_LEN + 4] = True
     table = model.token_embedding.weight
     budget = torch.tensor([2, 3, 4])  # [B]; the last row reveals its whole block: no choice
-    _, candidates, _, charged = boe.boe_influence(tokens, masked, budget, table, model.forward_embeds, boe.MASK,
-                                                  cfg, block)
+    _, _, candidates, _, _, charged = boe.boe_influence(tokens, masked, budget, table, model.forward_embeds,
+                                                        boe.MASK, cfg, block)
     assert not (candidates & ~block).any()
     assert charged.tolist() == [True, True, False]  # probes include the masked positions of later blocks
-    _, scores, _ = boe.boe_step(tokens, masked, budget, table, model.forward_embeds, boe.MASK, cfg, revealable=block)
-    assert torch.equal(scores.isfinite(), masked & block)
+    _, scores, _, _ = boe.boe_step(tokens, masked, budget, table, model.forward_embeds, boe.MASK, cfg,
+                                   revealable=block)
+    assert torch.equal(scores > -math.inf, masked & block)
 
 
 def boe_step_args(**bad):
@@ -432,6 +462,100 @@ def test_lookahead_reveals_the_pivot_first_under_the_true_conditionals():
 
 
 # -----------------------------------------------------------------------------
+# Adaptive rules: the entropy bound, the confidence threshold, adaptive BoE
+
+
+@pytest.mark.parametrize("bound", [0.0, 0.05, 0.3, 1.0, 5.0, math.inf])
+def test_entropy_bound_count_is_the_longest_prefix_a_brute_force_accepts(bound):
+    gen = torch.Generator().manual_seed(7)
+    entropies = torch.rand(200, 9, generator=gen) ** 3 * 0.6  # [n, L] many small, some large
+    masked = torch.rand(200, 9, generator=gen) < 0.7  # [n, L]
+    counts = boe.entropy_bound_count(entropies, masked, bound)  # [n]
+    for row in range(200):
+        ascending = sorted(entropies[row][masked[row]].tolist())
+        # every prefix size k whose entropies, all but the largest, sum to at most the bound
+        accepted = [k for k in range(1, len(ascending) + 1) if sum(ascending[:k]) - ascending[k - 1] <= bound]
+        assert counts[row] == max(accepted, default=0), f"row {row}"
+
+
+class FixedPredictions(torch.nn.Module):
+    """A stand-in MDM whose prediction at each position is fixed (logits [L, V]), whatever the input."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.mask_id = logits, logits.shape[-1] - 1
+        self.cfg = boe.ModelConfig(vocab_size=logits.shape[-1], mask_id=self.mask_id, seq_len=logits.shape[0])
+
+    def forward(self, tokens):
+        return self.logits.expand(len(tokens), *self.logits.shape)  # [B, L, V]
+
+
+def test_threshold_reveals_every_position_at_least_tau_else_the_most_confident():
+    confidence = torch.tensor([0.95, 0.5, 0.91, 0.6, 0.99, 0.7])  # [L] with 2 token values
+    logits = torch.stack([confidence.log(), (1 - confidence).log(), torch.full_like(confidence, -1e9)], -1)  # [L, 3]
+    model = FixedPredictions(logits)
+    prompts = torch.full((1, 6), model.mask_id)  # [1, L]
+    _, record = boe.generate(model, prompts, 6, "threshold", boe.SamplerConfig(confidence_threshold=0.9))
+    assert record["reveal_step"][0].tolist() == [0, 3, 0, 2, 0, 1]  # three at once, then one a step by confidence
+
+
+def test_adaptive_boe_is_entropy_bound_wherever_it_does_not_pick():
+    # "stuck": BoE picks only at a step where the bound admits one token; a row never stuck there is
+    # decoded exactly as by the entropy bound, and is charged no backward.
+    model = random_model()  # its entropies lie near log(13) = 2.56 nats
+    prompts = partly_masked_prompts(12)
+    picked = []
+    for bound in (2.4, 2.6, 3.0):
+        cfg = boe.SamplerConfig(entropy_bound=bound)
+        tokens, record = boe.generate(model, prompts, 18, "boe-adaptive", cfg)
+        bounded, bounded_record = boe.generate(model, prompts, 18, "entropy-bound", cfg)
+        never = record["backwards"] == 0  # [n]
+        assert torch.equal(tokens[never], bounded[never])
+        assert torch.equal(record["reveal_step"][never], bounded_record["reveal_step"][never])
+        picked += never.tolist()
+    assert any(picked) and not all(picked), "the test needs rows that are stuck and rows that are not"
+
+
+def reference_boe_adaptive(model, prompts, bound, pick):
+    """Adaptive BoE written out step by step, with the forward and the backward run for every row at every
+    step whether or not it is needed: the entropy bound's count, and where BoE picks, its best-scoring
+    masked position first, then the rest in ascending entropy."""
+    tokens = prompts.clone()  # [B, L]
+    for t in range(prompts.shape[1]):
+        masked = tokens == boe.MASK  # [B, L]
+        if not masked.any():
+            break
+        logits, grad = boe.entropy_gradient(model.forward_embeds, model.embed(tokens), masked, boe.MASK, masked)
+        logits = logits.float()
+        logits[..., boe.MASK] = -math.inf
+        probs = logits.softmax(-1)  # [B, L, V]
+        own = boe.entropy(probs)  # [B, L]
+        count = boe.entropy_bound_count(own, masked, bound)  # [B]
+        scores = boe.boe_scores(grad.norm(dim=-1) * masked, masked, probs.max(-1).values, own, 1 - t / prompts.shape[1],
+                                boe.SamplerConfig())  # [B, L]
+        for b in range(len(tokens)):
+            order = (-own[b]).masked_fill(~masked[b], -math.inf).argsort(descending=True, stable=True).tolist()
+            if count[b] < masked[b].sum() and (pick == "always" or count[b] == 1):
+                best = int(scores[b].masked_fill(~masked[b], -math.inf).argmax())
+                order = [best] + [i for i in order if i != best]
+            for i in order[: int(count[b])]:
+                tokens[b, i] = logits[b, i].argmax()
+    return tokens
+
+
+@pytest.mark.parametrize("pick", ["stuck", "always"])
+def test_adaptive_boe_equals_a_reference_that_always_runs_the_backward(pick):
+    # The skipped backward never changes the result: where it is skipped, nothing depends on it.
+    model = random_model(torch.float64)
+    prompts = partly_masked_prompts(10)
+    for bound in (0.05, 0.5, 2.0):
+        cfg = boe.SamplerConfig(entropy_bound=bound, adaptive_pick=pick)
+        tokens, record = boe.generate(model, prompts, prompts.shape[1], "boe-adaptive", cfg)
+        assert torch.equal(tokens, reference_boe_adaptive(model, prompts, bound, pick))
+        assert (record["backwards"] < record["forwards"]).all(), "the last step never needs a backward"
+
+
+# -----------------------------------------------------------------------------
 # Bad input
 
 
@@ -444,18 +568,26 @@ def test_lookahead_reveals_the_pivot_first_under_the_true_conditionals():
     (dict(steps=2.5), ValueError, "steps must be"),
     (dict(steps=True), ValueError, "steps must be"),
     (dict(cfg=None), TypeError, "cfg must be a SamplerConfig"),
-    (dict(cfg=boe.SamplerConfig(temperature=-1.0)), ValueError, "temperature >= 0"),
+    (dict(cfg=boe.SamplerConfig(temperature=-1.0)), ValueError, "temperature must be >= 0"),
     (dict(order="best"), ValueError, "unknown order rule 'best'"),
     (dict(cfg=boe.SamplerConfig(candidates=-1)), ValueError, "candidates must be"),
     (dict(cfg=dataclasses.replace(boe.PAPER_BOE, rho=0.0)), ValueError, "rho must"),
     (dict(cfg=dataclasses.replace(boe.PAPER_BOE, rho=1.5)), ValueError, "rho must"),
     (dict(cfg=boe.SamplerConfig(lookahead_k=-1)), ValueError, "lookahead_k"),
-    (dict(cfg=boe.SamplerConfig(tau=0.0)), ValueError, "tau must"),
+    (dict(cfg=boe.SamplerConfig(tau=0.0)), ValueError, "tau must be > 0"),
     (dict(cfg=boe.SamplerConfig(rho=0.5)), ValueError, "rho < 1 caps the surrogate"),
     (dict(cfg=boe.SamplerConfig(linearize="midpoint")), ValueError, "linearize must be one of"),
     (dict(cfg=boe.SamplerConfig(reveal="hard")), ValueError, "reveal must be one of"),
     (dict(cfg=boe.SamplerConfig(estimator="curvature")), ValueError, "estimator must be one of"),
     (dict(cfg=boe.SamplerConfig(influential=-1)), ValueError, "influential must be"),
+    (dict(order="entropy-bound", cfg=boe.SamplerConfig(entropy_bound=-0.1)), ValueError, "entropy_bound must be >= 0"),
+    (dict(order="boe-adaptive", cfg=boe.SamplerConfig(entropy_bound=math.nan)), ValueError, "entropy_bound must be"),
+    (dict(order="threshold", cfg=boe.SamplerConfig(confidence_threshold=0.0)), ValueError,
+     r"confidence_threshold must be in \(0, 1\]"),
+    (dict(order="threshold", cfg=boe.SamplerConfig(confidence_threshold=1.5)), ValueError, "confidence_threshold"),
+    (dict(order="threshold", cfg=boe.SamplerConfig(confidence_threshold=math.nan)), ValueError, "confidence_threshold"),
+    (dict(order="boe-adaptive", cfg=boe.SamplerConfig(adaptive_pick="sometimes")), ValueError,
+     "adaptive_pick must be one of"),
 ])
 def test_bad_generate_input_gets_a_clear_error(bad, error, match):
     args = dict(prompts=boe.make_instances(2, 0)[0], steps=3, order="boe", cfg=boe.SamplerConfig())
@@ -480,25 +612,21 @@ def test_corrupt_cache_is_retrained_with_a_message(tmp_path, capsys):
 # The main job, end to end on a briefly trained model
 
 
-def test_main_job_prints_every_order_rule_and_writes_json(tmp_path):
+def test_main_job_prints_every_rule_and_writes_json(tmp_path):
     # The main job as a user runs it: the attention backend on "auto", so the PyTorch path on a CPU.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "rows.json"
-    common = ["--train-steps", "30", "--cache", str(tmp_path / "m.pt")]
-    cmd = [sys.executable, "boe.py", "--instances", "40", "--steps", "3", "--json", str(out), "--full", *common]
+    cmd = [sys.executable, "boe.py", "--instances", "30", "--steps", "3", "--json", str(out), "--train-steps", "30",
+           "--cache", str(tmp_path / "m.pt")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
-    assert {row["order"] for row in rows} >= set(boe.ORDERS) | {"boe (paper)", "boe (tangent)"}
-    assert all(set(row) == {"order", "steps", "accuracy", "ci95", "fwd_equiv", "wall_s"} for row in rows)
-    for line in ("Compute frontier", "estimate vs target", "boe (paper)", "boe (tangent)"):
-        assert line in result.stdout
-    show = subprocess.run(cmd[:2] + ["--show", "0", "--steps", "3", *common], capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert show.returncode == 0 and "step 3:" in show.stdout and "boe (paper):" in show.stdout, show.stderr
-    tune = subprocess.run(cmd[:2] + ["--tune", "--instances", "8", "--steps", "2", *common], capture_output=True,
-                          text=True, timeout=300, env=env)
-    assert tune.returncode == 0 and "estimator=" in tune.stdout, tune.stderr
+    assert {row["rule"] for row in rows} == set(boe.ORDERS) | {"boe (paper)"}
+    assert {row["setting"] for row in rows if row["rule"] == "entropy-bound"} == {f"gamma {g}" for g in boe.ENTROPY_BOUNDS}
+    assert all(set(row) == {"rule", "setting", "steps", "accuracy", "ci95", "forwards", "backwards", "fwd_equiv",
+                            "wall_s"} for row in rows)
+    assert all(row["fwd_equiv"] == row["forwards"] + boe.BACKWARD_COST * row["backwards"] for row in rows)
+    assert "compute frontier" in result.stdout and result.stdout.count("   *") >= 1
 
 
 def test_main_job_decodes_without_triton(tmp_path):
@@ -506,7 +634,8 @@ def test_main_job_decodes_without_triton(tmp_path):
     result = run_without_triton("import runpy; runpy.run_path('boe.py', run_name='__main__')", "--train-steps",
                                 "30", "--instances", "20", "--steps", "3", "--cache", str(tmp_path / "m.pt"))
     assert result.returncode == 0, result.stderr
-    assert re.search(r"^boe\s+3\s+\d\.\d{3}", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^boe\s+3 steps\s+\d\.\d{3}", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^boe-adaptive\s+gamma 0.1\s+\d\.\d{3}", result.stdout, re.MULTILINE), result.stdout
 
 
 # -----------------------------------------------------------------------------
@@ -604,7 +733,7 @@ def test_boe_step_on_a_hugging_face_style_model_matches_the_reference_semantics(
     budget = torch.full((len(tokens),), 3)  # [B]
     table = model.get_input_embeddings().weight  # [V, D]
     logits_fn = routed_logits_fn(model)
-    logits, scores, charged = boe.boe_step(tokens, masked, budget, table, logits_fn, STAND_IN_MASK, cfg)
+    logits, scores, _, charged = boe.boe_step(tokens, masked, budget, table, logits_fn, STAND_IN_MASK, cfg)
     assert charged.all()
     assert logits_fn.routed == len(model.attentions), "one routed SDPA call per attention layer"
 
@@ -620,10 +749,15 @@ def test_boe_step_on_a_hugging_face_style_model_matches_the_reference_semantics(
         finally:
             monkeypatch.undo()
 
-    want_logits, want_scores, _ = boe.boe_step(tokens, masked, budget, table, reference_logits_fn, STAND_IN_MASK, cfg)
+    want_logits, want_scores, _, _ = boe.boe_step(tokens, masked, budget, table, reference_logits_fn, STAND_IN_MASK,
+                                                  cfg)
     assert "active" in reference, "the step should have asked for active rows"
     assert torch.allclose(logits, want_logits, rtol=1e-12, atol=1e-12)
+    assert torch.equal(scores == math.inf, want_scores == math.inf), "the same picks"
     assert torch.allclose(scores, want_scores, rtol=1e-9, atol=1e-12)
+    influence = boe.boe_influence(tokens, masked, budget, table, routed_logits_fn(model), STAND_IN_MASK, cfg)[4]
+    want_influence = boe.boe_influence(tokens, masked, budget, table, reference_logits_fn, STAND_IN_MASK, cfg)[4]
+    assert influence.abs().max() > 0 and torch.allclose(influence, want_influence, rtol=1e-9, atol=1e-12)
 
 
 def test_entropy_gradient_through_routed_sdpa_equals_dense_autograd_with_inactive_rows_detached(monkeypatch):

@@ -1,0 +1,541 @@
+"""The measurements behind the README, on the task suite of tasks.py. boe.py is the method; this is how it
+was measured. Each subcommand prints one table of the README:
+
+    python experiments.py suite [--quick] [--plot DIR]   every rule on every task, 3 trained models a task
+    python experiments.py tune                           BoE's grid search, on the tuning instances (seed 0)
+    python experiments.py picks                          where BoE helps: how often a pick is wrong, and why
+    python experiments.py fidelity                       how well TIS ranks candidates against exact drops
+    python experiments.py ablations                      BoE and the lookahead taken apart
+    python experiments.py show INSTANCE                  one decoding by every rule, step by step
+    python experiments.py time-backward                  the cost of BoE's backward, timed here, in forwards
+    python experiments.py train                          train (or load) every model of the suite
+
+The models are the shipped weights in weights/ (TASK-seedS.pt); a missing or stale file is retrained with
+boe.py's training code. --plot needs matplotlib (pip install matplotlib), which nothing else here uses.
+"""
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import replace
+
+import torch
+
+import boe
+import tasks
+
+SEEDS = (0, 1, 2)            # training seeds: every suite number is over these three models of a task
+INSTANCES = 1000             # evaluation instances per task (seed 1)
+TUNING = 300                 # tuning instances per task (seed 0)
+
+
+def suite_model(task, seed, retrain=False):
+    cfg = boe.TrainConfig(seed=seed, cache=os.path.join("weights", f"{task.name}-seed{seed}.pt"))
+    return boe.load_or_train(task.model_cfg, cfg, task.training_batch, task=task.name, retrain=retrain)
+
+
+def answer_length(prompts, task):
+    return int((prompts == task.model_cfg.mask_id).sum(1).max())
+
+
+# -----------------------------------------------------------------------------
+# The suite: every rule on every task, over several trained models
+
+
+def run_suite(task_names, seeds, instances, steps_override=None):
+    """{task: {(rule, setting): [row per model]}}, rows as boe.evaluate makes them, plus "successes"."""
+    results = {}
+    for name in task_names:
+        task = tasks.TASKS[name]
+        prompts, _ = task.make_instances(instances, seed=1)
+        solved = lambda tokens: task.check(prompts, tokens)  # noqa: E731
+        rows = boe.rule_rows(steps_override or task.steps, answer_length(prompts, task))
+        results[name] = {}
+        for seed in seeds:
+            model = suite_model(task, seed)
+            start = time.time()
+            for label, setting, order, steps, cfg in rows:
+                row = boe.evaluate(model, prompts, label, setting, order, steps, cfg, solved)
+                row.update(successes=round(row["accuracy"] * instances), instances=instances)
+                results[name].setdefault((label, setting), []).append(row)
+            print(f"{name}, model seed {seed}: {len(rows)} rules in {time.time() - start:.0f} s", flush=True)
+    return results
+
+
+def pooled(rows):
+    """The rows of one rule over the models: mean accuracy, its range, the 95 % interval of the pooled
+    decodings (the mean model's), and the mean compute."""
+    n = sum(row["instances"] for row in rows)
+    accuracies = [row["accuracy"] for row in rows]
+    return dict(rule=rows[0]["rule"], setting=rows[0]["setting"], accuracy=sum(accuracies) / len(rows),
+                low=min(accuracies), high=max(accuracies),
+                ci95=boe.wilson_interval(sum(row["successes"] for row in rows), n),
+                forwards=sum(row["forwards"] for row in rows) / len(rows),
+                backwards=sum(row["backwards"] for row in rows) / len(rows),
+                fwd_equiv=sum(row["fwd_equiv"] for row in rows) / len(rows))
+
+
+def print_suite(results):
+    for name, by_rule in results.items():
+        task = tasks.TASKS[name]
+        models = len(next(iter(by_rule.values())))
+        per_model_frontier = [boe.frontier([rows[m] for rows in by_rule.values()]) for m in range(models)]
+        print(f"\n{name} ({task.kind}): {models} models, mean over them; range = lowest and highest model; "
+              f"interval = 95 % of the pooled decodings; frontier = on how many models' compute frontier")
+        print(f"{'rule':<16}{'setting':<12}{'accuracy':>9}{'range':>16}{'95% interval':>17}{'forwards':>10}"
+              f"{'backwards':>10}{'fwd-equiv':>10}{'frontier':>10}")
+        for rows in sorted(by_rule.values(), key=lambda rows: pooled(rows)["fwd_equiv"]):
+            row = pooled(rows)
+            on = sum((row["rule"], row["setting"]) in front for front in per_model_frontier)
+            print(f"{row['rule']:<16}{row['setting']:<12}{row['accuracy']:>9.3f}   [{row['low']:.3f}, {row['high']:.3f}]"
+                  f"   [{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]{row['forwards']:>10.2f}{row['backwards']:>10.2f}"
+                  f"{row['fwd_equiv']:>10.2f}{f'{on}/{models}' if on else '':>10}")
+
+
+FAMILIES = {  # how the plot draws each rule: one line through its settings
+    "random": ("tab:gray", "o"), "confidence": ("tab:blue", "o"), "left-to-right": ("tab:olive", "o"),
+    "margin": ("tab:cyan", "o"), "entropy": ("tab:purple", "o"), "lookahead": ("tab:brown", "s"),
+    "boe": ("tab:red", "D"), "boe (paper)": ("salmon", "D"), "entropy-bound": ("tab:green", "^"),
+    "threshold": ("tab:orange", "v"), "boe-adaptive": ("darkred", "*"),
+}
+
+
+def plot_suite(results, folder):
+    """One PNG per task: accuracy against fwd-equiv, one line per rule through its settings (the budgets
+    of a fixed-schedule rule, the sweep of an adaptive one), the pooled 95 % interval as error bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    os.makedirs(folder, exist_ok=True)
+    for name, by_rule in results.items():
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for family, (colour, marker) in FAMILIES.items():
+            rows = [pooled(r) for r in by_rule.values() if r[0]["rule"] == family]  # in the order of the sweep
+            if not rows:
+                continue
+            x, y = [r["fwd_equiv"] for r in rows], [r["accuracy"] for r in rows]
+            errors = [[r["accuracy"] - r["ci95"][0] for r in rows], [r["ci95"][1] - r["accuracy"] for r in rows]]
+            ax.errorbar(x, y, yerr=errors, color=colour, marker=marker, markersize=7 if marker == "*" else 5,
+                        capsize=2, linewidth=1, label=family)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel(f"forward-equivalents per instance (a backward = {boe.BACKWARD_COST:g} forwards)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{name}, mean of {len(next(iter(by_rule.values())))} models\n{tasks.TASKS[name].kind}",
+                     fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = os.path.join(folder, f"frontier-{name}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        print(f"wrote {path}")
+
+
+# -----------------------------------------------------------------------------
+# BoE's grid search, on the tuning instances of every task
+
+
+def tune(instances):
+    """Every combination of BoE's main knobs, fixed schedule and adaptive, on `instances` tuning instances
+    (seed 0) of every task, with each task's seed-0 model. Rule: the highest accuracy averaged over tasks
+    (each task's budgets averaged first), so that every task counts the same; on a tie, the cheaper."""
+    grid = [replace(boe.SamplerConfig(), estimator=estimator, reveal=reveal, influential=influential, lam=lam,
+                    h_max=h_max, sparse_backward=sparse)
+            for estimator, reveal in (("tangent", "onehot"), ("tangent", "soft"), ("norm", "onehot"))
+            for influential in (0, 1) for lam, h_max in ((0.0, 0.0), (1.0, 0.5)) for sparse in (True, False)]
+    adaptive_grid = [replace(boe.SamplerConfig(), estimator=estimator, reveal=reveal, adaptive_pick=pick)
+                     for estimator, reveal in (("tangent", "onehot"), ("tangent", "soft"), ("norm", "onehot"))
+                     for pick in ("stuck", "always")]
+    scores = {("boe", i): [] for i in range(len(grid))} | {("boe-adaptive", i): [] for i in range(len(adaptive_grid))}
+    for task in tasks.TASKS.values():
+        prompts, _ = task.make_instances(instances, seed=0)
+        model = suite_model(task, 0)
+        solved = lambda tokens: task.check(prompts, tokens)  # noqa: E731
+        budgets = task.steps[:-1]  # the last budget is one reveal a step, where BoE is confidence
+        for i, cfg in enumerate(grid):
+            rows = [boe.evaluate(model, prompts, "", "", "boe", steps, cfg, solved) for steps in budgets]
+            scores["boe", i].append([sum(r[k] for r in rows) / len(rows) for k in ("accuracy", "fwd_equiv")])
+        for i, cfg in enumerate(adaptive_grid):
+            row = boe.evaluate(model, prompts, "", "", "boe-adaptive", answer_length(prompts, task), cfg, solved)
+            scores["boe-adaptive", i].append([row["accuracy"], row["fwd_equiv"]])
+        print(f"tuned on {task.name}", flush=True)
+    for order, configs in (("boe", grid), ("boe-adaptive", adaptive_grid)):
+        ranked = sorted(range(len(configs)), key=lambda i: (-sum(a for a, _ in scores[order, i]),
+                                                            sum(c for _, c in scores[order, i])))
+        print(f"\n{order}: mean accuracy over tasks ({', '.join(tasks.TASKS)}) on {instances} tuning instances "
+              f"(seed 0), best first; per task: accuracy / fwd-equiv")
+        for i in ranked[:8]:
+            cfg, per_task = configs[i], scores[order, i]
+            knobs = (f"estimator={cfg.estimator} reveal={cfg.reveal} " +
+                     (f"influential={cfg.influential} lam={cfg.lam} h_max={cfg.h_max} sparse_backward="
+                      f"{cfg.sparse_backward}" if order == "boe" else f"adaptive_pick={cfg.adaptive_pick}"))
+            print(f"  {sum(a for a, _ in per_task) / len(per_task):.3f}  {knobs}   " +
+                  "  ".join(f"{a:.3f}/{c:.1f}" for a, c in per_task))
+
+
+# -----------------------------------------------------------------------------
+# Where BoE helps: how often its pick is wrong, against confidence's reveal at the same step
+
+
+def pick_study(instances):
+    """Along BoE's own decodings (fixed schedule at the task's budgets with a choice, and adaptive), at every
+    step where BoE picks a reveal by its score: is the row still completable (a valid answer agrees with every
+    revealed token) after the pick, and would it be after confidence's reveal instead (the most confident
+    position, at its argmax)? Counted only at states that are still completable. Also the entropy of the two
+    reveals: the model's marginals are all a sampler sees of the two kinds of uncertainty."""
+    print("How often a reveal makes the row impossible to complete, BoE's pick against confidence's choice at "
+          "the same step (seed-0 model, evaluation instances)")
+    print(f"{'task':<11}{'sampler':<22}{'picks':>7}{'BoE wrong':>11}{'confidence wrong':>18}"
+          f"{'H(BoE pick)':>13}{'H(confidence)':>15}")
+    real_boe_step = boe.boe_step
+    for task in tasks.TASKS.values():
+        prompts, _ = task.make_instances(instances, seed=1)
+        model = suite_model(task, 0)
+        for label, order, steps_list in (("boe, fixed schedule", "boe", task.steps[:-1]),
+                                         ("boe-adaptive", "boe-adaptive", [answer_length(prompts, task)])):
+            seen = []
+
+            def recording_step(tokens, masked, *args, **kwargs):
+                logits, scores, budget, charged = real_boe_step(tokens, masked, *args, **kwargs)
+                picked = scores == math.inf  # [B, L]
+                rows = picked.any(1)  # [B]
+                if rows.any():
+                    confidence = logits.softmax(-1).max(-1).values.masked_fill(~masked, -1)  # [B, L]
+                    seen.append((tokens[rows], logits[rows], picked[rows], confidence[rows].argmax(1)))
+                return logits, scores, budget, charged
+
+            boe.boe_step = recording_step
+            try:
+                for steps in steps_list:
+                    boe.generate(model, prompts, steps, order)
+            finally:
+                boe.boe_step = real_boe_step
+            counts = dict(picks=0, boe=0, confidence=0, h_boe=0.0, h_confidence=0.0)
+            for tokens, logits, picked, choice in seen:
+                own = boe.entropy(logits.softmax(-1))  # [b, L]
+                rows = torch.arange(len(tokens))
+                alive = tasks.completable(task, tokens, tokens)  # [b]
+                pick = picked.float().argmax(1)  # [b] the first pick (one a step by default)
+                after_pick, after_choice = tokens.clone(), tokens.clone()
+                after_pick[rows, pick] = logits[rows, pick].argmax(-1)
+                after_choice[rows, choice] = logits[rows, choice].argmax(-1)
+                counts["picks"] += int(alive.sum())
+                counts["boe"] += int((alive & ~tasks.completable(task, tokens, after_pick)).sum())
+                counts["confidence"] += int((alive & ~tasks.completable(task, tokens, after_choice)).sum())
+                counts["h_boe"] += float(own[rows, pick][alive].sum())
+                counts["h_confidence"] += float(own[rows, choice][alive].sum())
+            n = max(counts["picks"], 1)
+            print(f"{task.name:<11}{label:<22}{counts['picks']:>7}{counts['boe'] / n:>11.3f}"
+                  f"{counts['confidence'] / n:>18.3f}{counts['h_boe'] / n:>13.2f}{counts['h_confidence'] / n:>15.2f}")
+
+
+def stuck_choices(instances, bound=0.1):
+    """At the steps where the entropy bound admits one token although several are masked (along its own
+    decodings, seed-0 models): how often a score's first choice is the exact one, the masked position whose
+    reveal (argmax) lowers the other masked positions' entropy most (one forward per position)."""
+    print(f"\nAt the steps where the entropy bound (gamma {bound}) is stuck: how often each score's first choice "
+          f"is the exact one (the largest drop of the others' entropy)")
+    print(f"{'task':<11}{'states':>8}{'|g|':>8}{'tangent':>9}{'most uncertain':>16}{'least uncertain':>17}")
+    for task in tasks.TASKS.values():
+        prompts, _ = task.make_instances(instances, seed=1)
+        model = suite_model(task, 0)
+        found = []
+
+        def entropy_bound_recording(s):
+            own = boe.entropy(s.probs)  # [B, L]
+            count = boe.entropy_bound_count(own, s.masked, bound)  # [B]
+            found.append(s.tokens[(count <= 1) & (s.masked.sum(1) > 1)])
+            return -own, count
+
+        boe.generate(model, prompts, prompts.shape[1], entropy_bound_recording)
+        states = torch.cat(found)  # [N, L]
+        masked = states == model.mask_id  # [N, L]
+        with torch.no_grad():
+            logits, probs = boe.predict(model, states)  # [N, L, V]
+        own = boe.entropy(probs)  # [N, L]
+        exact = torch.full(states.shape, -math.inf)  # [N, L]
+        for i in range(states.shape[1]):
+            rows = masked[:, i]  # [N]
+            if rows.any():
+                revealed = states[rows].clone()  # [n, L]
+                revealed[:, i] = logits[rows, i].argmax(-1)
+                with torch.no_grad():
+                    after = boe.entropy(boe.predict(model, revealed)[1])  # [n, L]
+                others = masked[rows].clone()  # [n, L]
+                others[:, i] = False
+                exact[rows, i] = ((own[rows] - after) * others).sum(1)
+        table = model.token_embedding.weight.detach()  # [V, D]
+        _, grad = boe.entropy_gradient(model.forward_embeds, model.embed(states), masked, model.mask_id, masked)
+        delta = table[logits.argmax(-1)] - table[model.mask_id]  # [N, L, D]
+        scores = (grad.norm(dim=-1), -(grad * delta).sum(-1), own, -own)  # each [N, L]
+        best = exact.argmax(1)  # [N]
+        agree = [(score.masked_fill(~masked, -math.inf).argmax(1) == best).float().mean().item() for score in scores]
+        print(f"{task.name:<11}{len(states):>8}" + "".join(f"{a:>{w}.0%}" for a, w in zip(agree, (8, 9, 16, 17))))
+
+
+def picks(instances):
+    pick_study(instances)
+    stuck_choices(instances)
+
+
+# -----------------------------------------------------------------------------
+# How well TIS ranks its candidates (built-in task)
+
+
+@torch.no_grad()
+def reveal_drops(model, context, reveal_embeds, positions, valid, probes):
+    """For each candidate i (two forwards each): the drop of the probes' entropy when e_i moves from
+    E[MASK] to reveal_embeds[i] [B, L, D], every other position keeping its embedding in `context`
+    [B, L, D]. With the context at TIS's linearisation point, the tangent expands exactly this drop."""
+    rows = torch.arange(len(positions), device=positions.device)  # [B]
+    mask_embedding = model.token_embedding.weight[model.mask_id]  # [D]
+
+    def probe_entropy(embeds):
+        logits = model.forward_embeds(embeds).float()  # [B, L, V]
+        logits[..., model.mask_id] = -math.inf
+        return (boe.entropy(logits.softmax(-1)) * probes).sum(1)  # [B]
+
+    drops = torch.zeros(positions.shape, device=positions.device)  # [B, K]
+    for k in range(positions.shape[1]):
+        pos = positions[:, k]  # [B]
+        before, after = context.clone(), context.clone()  # [B, L, D] each
+        before[rows, pos] = mask_embedding
+        after[rows, pos] = reveal_embeds[rows, pos]
+        drops[:, k] = probe_entropy(before) - probe_entropy(after)
+    return drops.masked_fill(~valid, 0.0)  # [B, K]
+
+
+# The rankings tis_fidelity compares, in pairs that walk from BoE's estimate to the exact lookahead.
+FIDELITY_PAIRS = (("estimate", "target"), ("target", "alone"), ("alone", "hard"), ("estimate", "lookahead"))
+
+
+def tis_fidelity(model, prompts, steps_list, cfg):
+    """How well BoE's estimate ranks its candidates along its own decodings (one per budget in
+    steps_list), over the decisions that use it with at least 3 candidates: the mean Spearman
+    correlation of two rankings, and how often their top choices agree. The exact references, each
+    measured with one or two forwards per candidate:
+      target     drop of the probes' entropy when candidate i moves from E[MASK] to its reveal, every
+                 other position as at the linearisation point: what the tangent expands to first
+                 order, so estimate vs target is the error of the expansion (and of the active rows)
+      alone      the same drop with the other candidates masked, as in x_t: target vs alone is the
+                 effect of softening every candidate at once (none at the state, where target = alone)
+      hard       drop of the other probes' entropy when candidate i is revealed (argmax) in x_t: alone
+                 vs hard is the error of relaxing a reveal into embedding space, and at the state also
+                 of counting i's own entropy, which is a probe there and still in the cost
+      lookahead  what the exact lookahead ranks by, H_i + the entropy left on the other masked
+                 positions: estimate vs lookahead is the error of the whole approximation"""
+    results = {pair: ([], []) for pair in FIDELITY_PAIRS}  # pair -> (correlations, agreements)
+    table = model.token_embedding.weight.detach()  # [V, D]
+
+    def rank(x):
+        return x.argsort(-1).argsort(-1).float()  # [k]
+
+    def score_and_compare(s):
+        logits, _, candidates, _, influence, charged = boe.boe_influence(s.tokens, s.masked, s.budget, table,
+                                                                         model.forward_embeds, model.mask_id, cfg)
+        positions, valid = boe.top_masked(candidates.float(), candidates, candidates.sum(1))  # [B, K]
+        valid &= charged[:, None]  # [B, K] decisions that used the estimate
+        at_state = cfg.linearize == "state"
+        probes = s.masked if at_state else boe.surrogate_probes(logits, s.masked, candidates, cfg)
+        reveal_embeds = boe.reveal_embeddings(logits, table, cfg).to(table.dtype)  # [B, L, D]
+        state = model.embed(s.tokens)  # [B, L, D]
+        point = state if at_state else torch.where(candidates[..., None], reveal_embeds, state)  # [B, L, D]
+        future_only = replace(s, cfg=replace(cfg, lookahead_own_entropy=False))
+        information_gain = replace(s, cfg=replace(cfg, lookahead_own_entropy=True))
+        scores = dict(  # name -> [B, K], larger = better candidate
+            estimate=influence.gather(1, positions),
+            target=reveal_drops(model, point, reveal_embeds, positions, valid, probes),
+            hard=-boe.lookahead_costs(future_only, positions, valid, probes),
+            lookahead=-boe.lookahead_costs(information_gain, positions, valid))
+        scores["alone"] = (scores["target"] if at_state
+                           else reveal_drops(model, state, reveal_embeds, positions, valid, probes))
+        for row in torch.nonzero(valid.sum(1) >= 3).flatten().tolist():
+            for pair in FIDELITY_PAIRS:
+                if at_state and pair == ("target", "alone"):
+                    continue
+                a, b = (scores[name][row, valid[row]] for name in pair)  # [k], [k]
+                ra, rb = rank(a) - rank(a).mean(), rank(b) - rank(b).mean()  # [k], [k]
+                results[pair][0].append(((ra * rb).sum() / (ra.norm() * rb.norm())).item())
+                results[pair][1].append(bool(a.argmax() == b.argmax()))
+        # Decode on as generate's "boe" would: the picks by BoE's score, the rest by confidence.
+        probs = logits.softmax(-1)  # [B, L, V]
+        score = boe.boe_scores(influence, candidates, probs.max(-1).values, boe.entropy(probs), s.progress, cfg)
+        picks = s.budget if cfg.influential == 0 else (s.budget - 1).clamp(0, cfg.influential)  # [B]
+        chosen_pos, chosen_valid = boe.top_masked(score, candidates, picks * (s.budget < s.masked.sum(1)))
+        chosen = torch.zeros_like(candidates).scatter(1, chosen_pos, chosen_valid)  # [B, L]
+        return torch.where(chosen, math.inf, probs.max(-1).values)  # [B, L]
+
+    for steps in steps_list:
+        boe.generate(model, prompts, steps, score_and_compare, cfg)
+    summary = dict(decisions=len(results[FIDELITY_PAIRS[0]][0]))
+    for pair, (correlations, agreements) in results.items():  # None where there was no decision
+        n = len(correlations)
+        summary[pair] = (sum(correlations) / n, sum(agreements) / n) if n else None
+    return summary
+
+
+def fidelity(instances):
+    model = suite_model(tasks.MARKS, 0)
+    prompts, _ = boe.make_instances(instances, seed=1)
+    steps_list = tasks.MARKS.steps
+    print(f"How BoE's estimate ranks its candidates against exact one-step drops ({instances} instances, "
+          f"decodings at steps {list(steps_list)}): mean Spearman, how often the top choices agree")
+    print(f"{'':<16}{'decisions':>10}" + "".join(f"{a + ' vs ' + b:>22}" for a, b in FIDELITY_PAIRS))
+    for label, cfg in (("boe", boe.SamplerConfig()), ("boe (paper)", boe.PAPER_BOE),
+                       ("boe (tangent)", boe.SamplerConfig(estimator="tangent"))):
+        fid = tis_fidelity(model, prompts, steps_list, cfg)
+        print(f"{label:<16}{fid['decisions']:>10}" + "".join(
+            f"{'n/a':>22}" if fid[pair] is None else f"{fid[pair][0]:+16.2f} {fid[pair][1]:5.0%}"
+            for pair in FIDELITY_PAIRS))
+
+
+# -----------------------------------------------------------------------------
+# Ablations, one decoding side by side, the backward's measured cost
+
+
+def ablation_rows(cfg):
+    """(label, order, config) rows that take BoE and the lookahead apart."""
+    return [
+        ("lookahead (future only)", "lookahead", replace(cfg, lookahead_own_entropy=False)),
+        ("lookahead (K=4)", "lookahead", replace(cfg, lookahead_k=4)),
+        ("boe", "boe", cfg),
+        ("boe (tangent)", "boe", replace(cfg, estimator="tangent")),
+        ("boe (tangent, soft)", "boe", replace(cfg, estimator="tangent", reveal="soft")),
+        ("boe (whole budget)", "boe", replace(cfg, influential=0)),
+        ("boe (2 influential)", "boe", replace(cfg, influential=2)),
+        ("boe (tangent, whole budget)", "boe", replace(cfg, estimator="tangent", influential=0)),
+        ("boe (no TIS)", "boe", replace(cfg, use_tis=False)),
+        ("boe (no penalty)", "boe", replace(cfg, lam=0.0)),
+        ("boe (gate, gamma=1)", "boe", replace(cfg, gamma=1.0)),
+        ("boe (r=4)", "boe", replace(cfg, candidates=4)),
+        ("boe (dense backward)", "boe", replace(cfg, sparse_backward=False)),
+        ("boe (paper)", "boe", boe.PAPER_BOE),
+        ("boe (paper, all candidates)", "boe", replace(boe.PAPER_BOE, candidates=0)),
+        ("boe (paper, dense backward)", "boe", replace(boe.PAPER_BOE, sparse_backward=False)),
+    ] + [(f"boe (paper, rho=1/{n})", "boe", replace(boe.PAPER_BOE, rho=1 / n)) for n in (8, 4, 2)]
+
+
+def ablations(instances):
+    model = suite_model(tasks.MARKS, 0)
+    prompts, _ = boe.make_instances(instances, seed=1)
+    steps_list = tasks.MARKS.steps
+    print(f"Ablations on the built-in task ({instances} instances of seed 1): accuracy at steps {list(steps_list)}")
+    for label, order, cfg in ablation_rows(boe.SamplerConfig()):
+        rows = [boe.evaluate(model, prompts, label, "", order, steps, cfg) for steps in steps_list]
+        print(f"{label:<30}" + "".join(f"{row['accuracy']:>8.3f}" for row in rows))
+    gamma = boe.SamplerConfig().entropy_bound
+    for label, cfg in (("boe-adaptive", boe.SamplerConfig()),
+                       ("boe-adaptive (pick always)", boe.SamplerConfig(adaptive_pick="always")),
+                       ("boe-adaptive (tangent)", boe.SamplerConfig(estimator="tangent")),
+                       ("boe-adaptive (no TIS)", boe.SamplerConfig(use_tis=False))):
+        row = boe.evaluate(model, prompts, label, "", "boe-adaptive", boe.SEQ_LEN - boe.PROMPT_LEN, cfg)
+        print(f"{label + f', gamma {gamma}':<30}{row['accuracy']:>8.3f}  at {row['forwards']:.2f} forwards + "
+              f"{row['backwards']:.2f} backwards")
+
+
+def show(task_name, instance, steps):
+    """One instance decoded by every rule, step by step, as text."""
+    task = tasks.TASKS[task_name]
+    model = suite_model(task, 0)
+    prompts, _ = task.make_instances(instance + 1, seed=1)
+    prompt = prompts[instance:]  # [1, L]
+    cap = answer_length(prompt, task)
+    print(f"{task_name} instance {instance} of seed 1 ('_' = [MASK]); fixed-schedule rules at {steps} steps")
+    for label, order, n_steps, cfg in [(order, order, steps, boe.SamplerConfig()) for order in boe.FIXED_ORDERS] + [
+            ("boe (paper)", "boe", steps, boe.PAPER_BOE), ("entropy-bound", "entropy-bound", cap, boe.SamplerConfig()),
+            ("threshold", "threshold", cap, boe.SamplerConfig()), ("boe-adaptive", "boe-adaptive", cap, boe.SamplerConfig())]:
+        tokens, record = boe.generate(model, prompt, n_steps, order, cfg)
+        last = int(record["reveal_step"][0].max())
+        print(f"\n{label}: {'solved' if task.check(prompt, tokens)[0] else 'NOT solved'}, "
+              f"{int(record['forwards'][0])} forwards, {int(record['backwards'][0])} backwards")
+        for t in range(last + 1):
+            state = torch.where(record["reveal_step"][0] <= t, tokens[0], prompt[0])  # [L]
+            revealed = torch.nonzero(record["reveal_step"][0] == t).flatten().tolist()
+            print(f"  step {t + 1}: {boe.render(state, task.chars)}   revealed positions {revealed}")
+
+
+def backward_cost(model, prompts, sparse, repeats=15):
+    """What BoE's pass costs beyond a plain forward, in forwards: a forward with gradient tracking and one
+    backward, against a forward under no_grad, on this model and batch, timed back to back `repeats` times;
+    the median ratio, which a drift of the machine's speed between the two cannot bias."""
+    masked = prompts == model.mask_id  # [B, L]
+    embeds = model.embed(prompts).detach()  # [B, L, D]
+
+    def forward():
+        with torch.no_grad():
+            boe.predict(model, prompts)
+
+    def forward_backward():
+        boe.entropy_gradient(model.forward_embeds, embeds, masked, model.mask_id, masked if sparse else None)
+
+    forward(), forward_backward()  # warm-up
+    ratios = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        forward()
+        middle = time.perf_counter()
+        forward_backward()
+        ratios.append((time.perf_counter() - middle) / (middle - start))
+    return max(sorted(ratios)[len(ratios) // 2] - 1, 0.0)
+
+
+def time_backward():
+    print(f"BoE's backward beyond a plain forward, in forwards (batch 512, median of 15; boe.py counts "
+          f"{boe.BACKWARD_COST:g}):")
+    for task in tasks.TASKS.values():
+        prompts, _ = task.make_instances(512, seed=1)
+        model = suite_model(task, 0)
+        print(f"  {task.name:<10} active rows {backward_cost(model, prompts, True):.2f}   dense "
+              f"{backward_cost(model, prompts, False):.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    suite = commands.add_parser("suite", help="every rule on every task, over the trained models")
+    suite.add_argument("--quick", action="store_true", help="one model a task, 40 instances, two budgets (for CI)")
+    suite.add_argument("--tasks", nargs="+", default=list(tasks.TASKS), choices=list(tasks.TASKS))
+    suite.add_argument("--plot", metavar="DIR", help="also write DIR/frontier-TASK.png (needs matplotlib)")
+    suite.add_argument("--json", metavar="PATH", help="also write every row of every model as JSON")
+    for name, default in (("tune", TUNING), ("picks", 300), ("fidelity", 250), ("ablations", INSTANCES)):
+        commands.add_parser(name).add_argument("--instances", type=int, default=default)
+    show_args = commands.add_parser("show", help="one decoding by every rule")
+    show_args.add_argument("instance", type=int)
+    show_args.add_argument("--task", default="marks", choices=list(tasks.TASKS))
+    show_args.add_argument("--steps", type=int, default=3, help="budget of the fixed-schedule rules")
+    commands.add_parser("time-backward")
+    commands.add_parser("train").add_argument("--retrain", action="store_true")
+    args = parser.parse_args()
+    if getattr(args, "instances", 1) < 1 or getattr(args, "instance", 0) < 0 or getattr(args, "steps", 1) < 1:
+        parser.error("--instances and --steps must be >= 1, INSTANCE >= 0")
+
+    if args.command == "suite":
+        seeds, instances, steps = ((0,), 40, (2, 3)) if args.quick else (SEEDS, INSTANCES, None)
+        results = run_suite(args.tasks, seeds, instances, steps)
+        print_suite(results)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({name: list(by_rule.values()) for name, by_rule in results.items()}, f, indent=1)
+        if args.plot:
+            plot_suite(results, args.plot)
+    elif args.command == "train":
+        for task in tasks.TASKS.values():
+            for seed in SEEDS:
+                suite_model(task, seed, args.retrain)
+    elif args.command == "show":
+        show(args.task, args.instance, args.steps)
+    elif args.command == "time-backward":
+        time_backward()
+    else:
+        dict(tune=tune, picks=picks, fidelity=fidelity, ablations=ablations)[args.command](args.instances)
+
+
+if __name__ == "__main__":
+    main()

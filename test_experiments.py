@@ -1,0 +1,136 @@
+"""Tests for tasks.py and experiments.py: each task's checker against brute force over whole answer spaces,
+the tuning / evaluation / training split, and every measurement command end to end on the shipped models."""
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import boe
+import tasks
+
+
+def brute_force_answers(task, prompt):
+    """Every filling of the prompt's [MASK] positions with the task's answer tokens, [N, L]."""
+    holes = torch.nonzero(prompt == task.model_cfg.mask_id).flatten()
+    values = {"marks": [boe.UNMARKED, boe.MARKED], "sudoku": range(4),
+              "countdown": range(tasks.CD_MINUS + 1)}[task.name]
+    fillings = torch.tensor(list(itertools.product(values, repeat=len(holes))))  # [N, holes]
+    answers = prompt.repeat(len(fillings), 1)  # [N, L]
+    answers[:, holes] = fillings
+    if task.name == "marks":  # the pivot takes a cell number, not a mark
+        answers = answers.repeat(boe.N_CELLS, 1)
+        answers[:, -1] = torch.arange(boe.N_CELLS).repeat_interleave(len(fillings))
+    return answers
+
+
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_checker_accepts_exactly_the_brute_force_solutions(name):
+    task = tasks.TASKS[name]
+    prompts, answers = task.make_instances(3, seed=5)
+    if name == "sudoku":  # 4^10 fillings is too many: give back 4 of the 10 holes
+        for prompt, answer in zip(prompts, answers):
+            holes = torch.nonzero(prompt == tasks.SUDOKU_MASK).flatten()[:4]
+            prompt[holes] = answer[holes]
+    for prompt, answer in zip(prompts, answers):
+        candidates = brute_force_answers(task, prompt)  # [N, L]
+        accepted = candidates[task.check(prompt.expand_as(candidates), candidates)]  # [S, L]
+        want = {tuple(row) for row in task.solutions(prompt).tolist()}
+        assert {tuple(row) for row in accepted.tolist()} == want and tuple(answer.tolist()) in want
+        assert len(want) >= 1 and len(accepted) < len(candidates)
+
+
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_checker_rejects_every_near_miss(name):
+    # One token of a valid answer changed to any other id: never valid unless it is another solution.
+    task = tasks.TASKS[name]
+    prompts, answers = task.make_instances(20, seed=6)
+    for prompt, answer in zip(prompts, answers):
+        solutions = {tuple(row) for row in task.solutions(prompt).tolist()}
+        for position in torch.nonzero(prompt == task.model_cfg.mask_id).flatten().tolist():
+            for token in range(task.model_cfg.vocab_size):
+                if token != answer[position]:
+                    miss = answer.clone()
+                    miss[position] = token
+                    assert bool(task.check(prompt[None], miss[None])[0]) == (tuple(miss.tolist()) in solutions)
+        assert not task.check(prompt[None], prompt[None])[0], "an unanswered prompt is not valid"
+
+
+def test_sudoku_puzzles_have_one_solution_on_a_grid_training_never_sees():
+    assert len(tasks.GRIDS) == 288 and bool(tasks.sudoku_valid(tasks.GRIDS).all())
+    train = {tuple(g) for g in tasks.TRAIN_GRIDS.tolist()}
+    for seed in (0, 1):
+        prompts, answers = tasks.SUDOKU.make_instances(200, seed)
+        assert ((prompts == tasks.SUDOKU_MASK).sum(1) == tasks.SUDOKU_HOLES).all()
+        assert all(len(tasks.sudoku_solutions(p)) == 1 for p in prompts)
+        assert not {tuple(a) for a in answers.tolist()} & train
+    for seed in (-1, -2999):
+        prompts, answers = tasks.SUDOKU.training_batch(128, seed)
+        assert (prompts == tasks.SUDOKU_MASK).all() and {tuple(a) for a in answers.tolist()} <= train
+
+
+def test_countdown_evaluation_prompts_never_reach_training():
+    def keys(prompts):
+        return {(tuple(sorted(p[:3])), p[4]) for p in prompts.tolist()}
+    held_out = keys(tasks.COUNTDOWN.make_instances(1000, 1)[0]) | keys(tasks.COUNTDOWN.make_instances(1000, 0)[0])
+    for seed in (-1, -2999):
+        prompts, answers = tasks.COUNTDOWN.training_batch(128, seed)
+        assert not keys(prompts) & held_out
+        assert tasks.countdown_check(prompts, answers).all()
+
+
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_tuning_and_evaluation_instances_differ_and_repeat(name):
+    task = tasks.TASKS[name]
+    tuning, _ = task.make_instances(50, 0)
+    evaluation, _ = task.make_instances(50, 1)
+    assert torch.equal(evaluation, task.make_instances(50, 1)[0])
+    assert not torch.equal(tuning, evaluation)
+    assert tuning.shape[1] == task.model_cfg.seq_len and int(tuning.max()) < task.model_cfg.vocab_size
+
+
+def test_completable_says_whether_a_valid_answer_agrees_with_the_revealed_tokens():
+    prompts, answers = boe.make_instances(20, 0)
+    prompts, answers = prompts[:3], answers[:3]
+    state = prompts.clone()
+    state[:, -1] = answers[:, -1]  # the pivot of a valid answer
+    assert tasks.completable(tasks.MARKS, prompts, state).all()
+    other = (answers[:, -1] + 1) % boe.N_CELLS  # [3] another cell than the pivot names
+    state[torch.arange(3), boe.PROMPT_LEN + other] = boe.MARKED  # marked against the pivot: no answer left
+    assert not tasks.completable(tasks.MARKS, prompts, state).any()
+
+
+def run(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
+    result = subprocess.run([sys.executable, "experiments.py", *args], capture_output=True, text=True, timeout=timeout,
+                            env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 0, result.stderr
+    assert "train step" not in result.stdout, "the shipped weights should load, not be retrained"
+    return result.stdout
+
+
+def test_suite_quick_runs_every_rule_on_every_task():
+    out = run("suite", "--quick")
+    for name in tasks.TASKS:
+        assert f"\n{name} (" in out
+    for rule in boe.ORDERS:
+        assert f"\n{rule} " in out
+
+
+def test_measurement_commands_run_on_the_shipped_models():
+    tuned = run("tune", "--instances", "4")
+    assert "boe: mean accuracy over tasks" in tuned and "adaptive_pick=" in tuned
+    assert "BoE wrong" in run("picks", "--instances", "10")
+    assert "estimate vs lookahead" in run("fidelity", "--instances", "6")
+    assert "boe (paper, rho=1/2)" in run("ablations", "--instances", "10")
+    shown = run("show", "0", "--task", "countdown", "--steps", "2")
+    assert "boe-adaptive:" in shown and "step 1:" in shown
+    assert "active rows" in run("time-backward")
+
+
+def test_suite_plot_writes_a_png_per_task(tmp_path):
+    pytest.importorskip("matplotlib")
+    run("suite", "--quick", "--tasks", "marks", "--plot", str(tmp_path))
+    assert (tmp_path / "frontier-marks.png").stat().st_size > 1000

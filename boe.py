@@ -132,7 +132,7 @@ class MaskedDiffusionTransformer(nn.Module):
 # and usually disagree. Revealing the pivot early settles every mark. The pivot is the decisive and
 # the least confident token, and necessarily so: a token that is a function of another is at least
 # as confident as it. Its uncertainty is a free choice (any open cell is right), not the model's
-# ignorance; experiments.py adds tasks where it is the other way round.
+# ignorance; tasks.py adds tasks where it is the other way round.
 
 N_CELLS = 8
 BLOCKED, OPEN, UNMARKED, MARKED, SEP, MASK = 8, 9, 10, 11, 12, 13  # ids 0..7 are the cell numbers 1..8
@@ -195,37 +195,33 @@ def masked_diffusion_loss(model, prompts, answers, gen):
 def train(model_cfg, train_cfg, make_batch=make_instances):
     """Train a model on batches from make_batch(n, seed) -> (prompts, answers) [n, L] each. On one CPU
     thread: the order of float sums changes with the thread count, and near convergence a different last
-    bit grows into a different model (the shipped weights were made this way)."""
+    bit grows into a different model; so retraining on the same machine gives the same weights."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        return train_one_thread(model_cfg, train_cfg, make_batch)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def train_one_thread(model_cfg, train_cfg, make_batch):
     torch.manual_seed(train_cfg.seed)
     model = MaskedDiffusionTransformer(model_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(train_cfg.seed)
     start = time.time()
-    for step in range(1, train_cfg.steps + 1):
-        lr_scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / train_cfg.steps))
-        for group in opt.param_groups:
-            group["lr"] = train_cfg.lr * lr_scale
-        # Fresh instances every step, from negative seeds: tuning uses seed 0, evaluation seed 1. The
-        # built-in task has only 219 distinct prompts, so every prompt is seen in training; what the
-        # evaluation measures is the sampler, not generalisation to new prompts.
-        prompts, answers = make_batch(train_cfg.batch_size, seed=-(train_cfg.seed * 10**6 + step))
-        loss = masked_diffusion_loss(model, prompts, answers, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 500 == 0 or step == train_cfg.steps:
-            elapsed = time.time() - start
-            print(f"train step {step:5d}/{train_cfg.steps}  loss {loss.item():.4f}  elapsed {elapsed:5.1f}s  "
-                  f"eta {elapsed / step * (train_cfg.steps - step):5.1f}s", flush=True)
+    try:
+        for step in range(1, train_cfg.steps + 1):
+            lr_scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / train_cfg.steps))
+            for group in opt.param_groups:
+                group["lr"] = train_cfg.lr * lr_scale
+            # Fresh instances every step, from negative seeds: tuning uses seed 0, evaluation seed 1. The
+            # built-in task has only 219 distinct prompts, so every prompt is seen in training; what the
+            # evaluation measures is the sampler, not generalisation to new prompts.
+            prompts, answers = make_batch(train_cfg.batch_size, seed=-(train_cfg.seed * 10**6 + step))
+            loss = masked_diffusion_loss(model, prompts, answers, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % 500 == 0 or step == train_cfg.steps:
+                elapsed = time.time() - start
+                print(f"train step {step:5d}/{train_cfg.steps}  loss {loss.item():.4f}  elapsed {elapsed:5.1f}s  "
+                      f"eta {elapsed / step * (train_cfg.steps - step):5.1f}s", flush=True)
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 

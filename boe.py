@@ -314,7 +314,7 @@ class Step:
     probs: torch.Tensor      # [B, L, V] predictive distribution, p([MASK]) = 0
     budget: torch.Tensor     # [B] reveals this step (for adaptive rules: the least they may make)
     progress: float          # steps left / steps: 1 at the first step, 1 / T at the last
-    cfg: "SamplerConfig"     # the rules' knobs
+    cfg: SamplerConfig       # the rules' knobs
     generators: list         # one torch.Generator per row
     forwards: torch.Tensor   # [B] forward passes so far, updated by rules that run more
 

@@ -561,7 +561,9 @@ def commit(logits, temperature, generators):
 #       settle the uncertain ones where their uncertainty is the model's rather than a free choice, so an
 #       earlier pick would be a guess that waiting avoids. When nothing is near-certain one uncertain token
 #       must be revealed anyway (the bound's free token), and the one whose reveal most lowers the entropy
-#       left lets the next steps reveal the most. At every other step the sampler is the entropy bound.
+#       left lets the next steps reveal the most. The pick passes no further test: a token revealed alone
+#       makes no dependence error, which is why the bound lets every step reveal one. At every other step
+#       the sampler is the entropy bound, its free token included.
 # A backward runs only where the pick can change the step: never where the budget takes every revealable
 # position, and when adaptive only where the bound leaves the choice to BoE, which the step's forward
 # tells; elsewhere the forward's graph is dropped and nothing is charged.

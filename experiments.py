@@ -337,8 +337,8 @@ def tis_fidelity(model, prompts, steps_list, cfg):
         return x.argsort(-1).argsort(-1).float()  # [k]
 
     def score_and_compare(s):
-        logits, _, candidates, _, influence, charged = boe.boe_influence(s.tokens, s.masked, s.budget, table,
-                                                                         model.forward_embeds, model.mask_id, cfg)
+        logits, _, candidates, picks, influence, charged = boe.boe_influence(s.tokens, s.masked, s.budget, table,
+                                                                             model.forward_embeds, model.mask_id, cfg)
         positions, valid = boe.top_masked(candidates.float(), candidates, candidates.sum(1))  # [B, K]
         valid &= charged[:, None]  # [B, K] decisions that used the estimate
         at_state = cfg.linearize == "state"
@@ -366,8 +366,7 @@ def tis_fidelity(model, prompts, steps_list, cfg):
         # Decode on as generate's "boe" would: the picks by BoE's score, the rest by confidence.
         probs = logits.softmax(-1)  # [B, L, V]
         score = boe.boe_scores(influence, candidates, probs.max(-1).values, boe.entropy(probs), s.progress, cfg)
-        picks = s.budget if cfg.influential == 0 else (s.budget - 1).clamp(0, cfg.influential)  # [B]
-        chosen_pos, chosen_valid = boe.top_masked(score, candidates, picks * (s.budget < s.masked.sum(1)))
+        chosen_pos, chosen_valid = boe.top_masked(score, candidates, picks)  # [B, K]
         chosen = torch.zeros_like(candidates).scatter(1, chosen_pos, chosen_valid)  # [B, L]
         return torch.where(chosen, math.inf, probs.max(-1).values)  # [B, L]
 

@@ -21,7 +21,6 @@ behind the README (the task suite, several trained models, the frontier plot, th
 grid search, the ablations) is in experiments.py.
 """
 import argparse
-import json
 import math
 import operator
 import os
@@ -539,40 +538,32 @@ def commit(logits, temperature, generators):
 #       backward follows: no second forward.
 #
 # Why the state: softening every candidate together lets each soft reveal already say what another's
-# would; measured on the built-in task (README), the drop the surrogate expands ranks candidates
-# against the same soft reveal made alone at Spearman -0.37. Both stay first-order: a reveal moves an
-# embedding far, along a path on which the entropy responds strongly nonlinearly.
+# would (README: the surrogate's drop ranks against the same soft reveal made alone at Spearman -0.37).
 #
 #   reveal="soft"    delta_i = e~_i - E[MASK], the expected reveal (the paper)
 #   reveal="onehot"  delta_i = E[argmax p_i] - E[MASK], the reveal the sampler commits [ours]
 #
-# From g to a score (influence_scores): the tangent -<g_i, delta_i> is the paper's TIS; the default
-# keeps only its size |g_i| [ours], which ranks more like the exact drop here (README). From scores to
-# a step's reveals (boe_step): the paper's score (confidence gate, anti-collapse penalty), then a set
-# rule [ours]. TIS scores one reveal at a time, yet a step's reveals are committed together, each from its
-# marginal, and the tokens that most lower everyone else's uncertainty are the most tied to each other:
-# two of them revealed together can disagree. So BoE picks one reveal by its score, and the rest go
+# From g to a score (influence_scores): the paper's tangent, or its size |g_i| [ours]. Then the paper's
+# confidence gate and anti-collapse penalty (boe_scores), and a set rule [ours]: a step's reveals are
+# committed together, each from its marginal, and the tokens that most lower everyone else's entropy
+# are the most tied to each other, so two of them revealed together can disagree. BoE picks one reveal
+# by its score and the rest go
 #   fixed schedule: to the most confident positions, nearly determined and so safe alongside. A step that
 #       reveals one token takes it by confidence: lowering the entropy left pays only because later
-#       steps commit several tokens at once, and one a step never does.
-#   adaptive ("boe-adaptive"): to the entropy bound, which decides how many, and BoE picks only at a step
-#       where the bound admits one token because nothing is near-certain. As a constraint solver branches
-#       only when propagation stalls: revealing the near-certain tokens costs at most gamma and may
-#       settle the uncertain ones where their uncertainty is the model's rather than a free choice, so an
-#       earlier pick would be a guess that waiting avoids. When nothing is near-certain one uncertain token
-#       must be revealed anyway (the bound's free token), and the one whose reveal most lowers the entropy
-#       left lets the next steps reveal the most. The pick passes no further test: a token revealed alone
-#       makes no dependence error, which is why the bound lets every step reveal one. At every other step
-#       the sampler is the entropy bound, its free token included.
-# A backward runs only where the pick can change the step: never where the budget takes every revealable
-# position, and when adaptive only where the bound leaves the choice to BoE, which the step's forward
-# tells; elsewhere the forward's graph is dropped and nothing is charged.
-#
-# The backward runs with `active` rows (ActiveQueryAttention, attn_kernel.py): every attention layer
-# passes gradient only through the outputs of those rows. The entropy is read at the probes and must
-# reach the candidates, so both stay active (at the state: every masked position, known before the
-# forward). The paths through the other rows' attention outputs are dropped: exact in the last
-# layer, an approximation below it, which the paper accepts for an O(|A| L d) backward.
+#       steps commit several tokens at once.
+#   adaptive ("boe-adaptive"): to the entropy bound, which decides how many; BoE picks only where the
+#       bound admits one token because nothing is near-certain, as a constraint solver branches only
+#       when propagation stalls. Revealing near-certain tokens first costs at most gamma and may settle
+#       the uncertain ones where their uncertainty is the model's own, so an earlier pick would be a
+#       guess that waiting avoids. When nothing is near-certain one uncertain token must be revealed
+#       anyway (the bound's free token); the one whose reveal most lowers the entropy left should let
+#       the next steps reveal the most. It needs no further test: a token revealed alone makes no
+#       dependence error. Every other step is the entropy bound's, free token included.
+# The backward runs only where the pick can change the step (the step's forward tells); elsewhere the
+# forward's graph is dropped and nothing is charged. It runs with `active` rows (ActiveQueryAttention,
+# attn_kernel.py): attention passes gradient only through the outputs of the probes and candidates
+# (at the state, the masked positions, known before the forward); the dropped paths through the other
+# rows are exact in the last layer and an approximation below, the paper's price for O(|A| L d).
 
 
 def call_logits_fn(logits_fn, embeds, active=None):
@@ -759,10 +750,17 @@ def boe_scores(influence, candidates, confidence, own_entropy, progress, cfg):
 # Input checks: every bad input gets an error that names it
 
 
+def describe(x):
+    return f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}"
+
+
+def is_int_tensor(x, dim):
+    return isinstance(x, torch.Tensor) and x.dim() == dim and not x.dtype.is_floating_point and x.dtype != torch.bool
+
+
 def check_generate_args(model, prompts, steps, order, cfg):
     if not isinstance(prompts, torch.Tensor) or prompts.dtype != torch.long or prompts.dim() != 2:
-        raise TypeError(f"prompts must be an int64 tensor [B, L]; got {getattr(prompts, 'dtype', type(prompts).__name__)} "
-                        f"of shape {tuple(getattr(prompts, 'shape', ()))}")
+        raise TypeError(f"prompts must be an int64 tensor [B, L]; got {describe(prompts)}")
     if prompts.shape[1] > model.cfg.seq_len:
         raise ValueError(f"prompts have {prompts.shape[1]} positions, more than the model's seq_len {model.cfg.seq_len}")
     if prompts.numel() and (prompts.min() < 0 or prompts.max() >= model.cfg.vocab_size):
@@ -801,10 +799,8 @@ def check_sampler_config(cfg):
 
 
 def check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, revealable):
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point \
-            or tokens.dtype == torch.bool:
-        raise TypeError(f"tokens must be an integer tensor [B, L]; got {getattr(tokens, 'dtype', type(tokens))} "
-                        f"of shape {tuple(getattr(tokens, 'shape', ()))}")
+    if not is_int_tensor(tokens, 2):
+        raise TypeError(f"tokens must be an integer tensor [B, L]; got {describe(tokens)}")
     if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2 or not embedding.dtype.is_floating_point:
         raise TypeError("embedding must be the model's input embedding table, a float tensor [V, D]")
     vocab = embedding.shape[0]
@@ -812,20 +808,16 @@ def check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, re
         raise ValueError(f"mask_id must be an int in [0, V = {vocab}); got {mask_id!r}")
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab):
         raise ValueError(f"token ids must lie in [0, V = {vocab}), the rows of the embedding table")
-    for name, mask in (("masked", masked), ("revealable", revealable)):
-        if name == "revealable" and mask is None:
-            continue
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != tokens.shape:
-            raise TypeError(f"{name} must be a bool tensor of the shape of tokens {tuple(tokens.shape)}; got "
-                            f"{getattr(mask, 'dtype', type(mask))} of shape {tuple(getattr(mask, 'shape', ()))}")
-        if mask.device != tokens.device:
-            raise ValueError(f"{name} must be on the device of tokens ({tokens.device}); got {mask.device}")
+    for name, mask in (("masked", masked), ("revealable", masked if revealable is None else revealable)):
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != tokens.shape \
+                or mask.device != tokens.device:
+            raise TypeError(f"{name} must be a bool tensor of the shape of tokens {tuple(tokens.shape)}, on their "
+                            f"device ({tokens.device}); got {describe(mask)}")
     if (masked & (tokens != mask_id)).any():
         raise ValueError(f"masked marks positions whose token is not mask_id {mask_id}")
-    if not isinstance(budget, torch.Tensor) or budget.shape != tokens.shape[:1] or budget.dtype.is_floating_point \
-            or budget.dtype == torch.bool or budget.device != tokens.device:
+    if not is_int_tensor(budget, 1) or budget.shape != tokens.shape[:1] or budget.device != tokens.device:
         raise TypeError(f"budget must be an integer tensor [B] = [{tokens.shape[0]}] on the device of tokens; "
-                        f"got {getattr(budget, 'dtype', type(budget))} of shape {tuple(getattr(budget, 'shape', ()))}")
+                        f"got {describe(budget)}")
     if budget.numel() and budget.min() < 0:
         raise ValueError("budget must be >= 0")
     if isinstance(progress, bool) or not isinstance(progress, (int, float)) or not 0 < progress <= 1:
@@ -833,73 +825,10 @@ def check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, re
 
 
 # -----------------------------------------------------------------------------
-# 5. Evaluation and the main job
+# 5. Main: every rule on the built-in task, accuracy against compute
 #
-# Compute is counted per instance in forward-equivalents: forwards + BACKWARD_COST x backwards. A BoE
-# step at the state runs its forward with gradient tracking and one backward to the input embeddings;
-# we count that as 2 forwards beyond a plain one, about what it costs on a CPU with these models (timed
-# by `python experiments.py time-backward`; it moves from run to run) and more than its arithmetic (the
-# backward to the inputs repeats the forward's matmuls once). A fixed price keeps every table the same
-# on every machine; the forwards and backwards are printed, for any other price.
-BACKWARD_COST = 2.0
-
-FIXED_ORDERS = ("random", "left-to-right", "confidence", "margin", "entropy", "lookahead", "boe")
-ENTROPY_BOUNDS = (0.01, 0.1, 0.3, 1.0)  # gamma, nats: the EB-sampler's usual range and above
-THRESHOLDS = (0.99, 0.9, 0.7)            # tau: around Fast-dLLM's 0.9
-
-
-def wilson_interval(successes, n, z=1.96):
-    """95 % Wilson score interval for a binomial proportion."""
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(centre - half, 0.0), min(centre + half, 1.0)
-
-
-def evaluate(model, prompts, label, setting, order, steps, cfg, solved_fn=check, backward_cost=BACKWARD_COST):
-    """One row of a table: decode `prompts`, check them, count the compute per instance."""
-    tokens, record = generate(model, prompts, steps, order, cfg)
-    solved = int(solved_fn(tokens).sum())
-    forwards, backwards = record["forwards"].float().mean().item(), record["backwards"].float().mean().item()
-    return dict(rule=label, setting=setting, steps=steps, accuracy=solved / len(prompts),
-                ci95=wilson_interval(solved, len(prompts)), forwards=forwards, backwards=backwards,
-                fwd_equiv=forwards + backward_cost * backwards, wall_s=record["wall_s"])
-
-
-def rule_rows(steps_list, max_steps, paper=False):
-    """(label, setting, order, steps, cfg) for every rule: the fixed-schedule rules at each budget, and
-    the adaptive ones swept over their knob with `max_steps` as a cap that never binds."""
-    default = PAPER_BOE if paper else SamplerConfig()
-    rows = [(order, f"{steps} steps", order, steps, default) for steps in steps_list for order in FIXED_ORDERS]
-    rows += [] if paper else [("boe (paper)", f"{steps} steps", "boe", steps, PAPER_BOE) for steps in steps_list]
-    for order, knob, values in (("entropy-bound", "entropy_bound", ENTROPY_BOUNDS),
-                                ("threshold", "confidence_threshold", THRESHOLDS),
-                                ("boe-adaptive", "entropy_bound", ENTROPY_BOUNDS)):
-        name = "gamma" if knob == "entropy_bound" else "tau"
-        rows += [(order, f"{name} {value}", order, max_steps, replace(default, **{knob: value}))
-                 for value in values]
-    return rows
-
-
-def frontier(rows):
-    """The rows no cheaper (or equally cheap) row matches in accuracy, by cost: a set of (rule, setting)."""
-    best, on = -1.0, set()
-    for row in sorted(rows, key=lambda r: (r["fwd_equiv"], -r["accuracy"])):
-        if row["accuracy"] > best:
-            on.add((row["rule"], row["setting"]))
-        best = max(best, row["accuracy"])
-    return on
-
-
-def print_table(rows):
-    on = frontier(rows)
-    print(f"{'rule':<16}{'setting':<12}{'accuracy':>9}{'95% interval':>17}{'forwards':>10}{'backwards':>10}"
-          f"{'fwd-equiv':>10}   (* = on the compute frontier)")
-    for row in sorted(rows, key=lambda r: r["fwd_equiv"]):
-        low, high = row["ci95"]
-        print(f"{row['rule']:<16}{row['setting']:<12}{row['accuracy']:>9.3f}   [{low:.3f}, {high:.3f}]"
-              f"{row['forwards']:>10.2f}{row['backwards']:>10.2f}{row['fwd_equiv']:>10.2f}"
-              f"{'   *' if (row['rule'], row['setting']) in on else ''}")
+# The table's code (the rules and their settings, compute in forward-equivalents, the frontier) is
+# measurement, not the method, so it lives in experiments.py with the rest of the README's tables.
 
 
 def main():
@@ -919,17 +848,10 @@ def main():
     if args.instances < 1 or min(args.steps) < 1 or args.train_steps < 1:
         parser.error("--instances, --steps and --train-steps must be >= 1")
 
+    import experiments  # here, not at the top: experiments imports this file
     model = load_or_train(ModelConfig(), TrainConfig(steps=args.train_steps, cache=args.cache), retrain=args.retrain)
     prompts, _ = make_instances(args.instances, args.eval_seed)
-    rows = [evaluate(model, prompts, label, setting, order, steps, cfg)
-            for label, setting, order, steps, cfg in rule_rows(args.steps, SEQ_LEN - PROMPT_LEN, args.paper)]
-    print(f"\n{args.instances} instances of seed {args.eval_seed}, sorted by compute. Per instance: forwards, "
-          f"backwards, and fwd-equiv = forwards + {BACKWARD_COST:g} x backwards. The adaptive rules (entropy-"
-          f"bound, threshold, boe-adaptive) decide each step's size, capped at {SEQ_LEN - PROMPT_LEN} steps.")
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    experiments.builtin_table(model, prompts, args.steps, args.paper, args.json)
 
 
 if __name__ == "__main__":

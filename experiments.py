@@ -1,5 +1,5 @@
 """The measurements behind the README, on the task suite of tasks.py. boe.py is the method; this is how it
-was measured. Each subcommand prints one table of the README:
+was measured. `python boe.py` prints its table with builtin_table below; each subcommand prints another:
 
     python experiments.py suite [--quick] [--plot DIR]   every rule on every task, 3 trained models a task
     python experiments.py tune                           BoE's grid search, on the tuning instances (seed 0)
@@ -40,23 +40,108 @@ def answer_length(prompts, task):
 
 
 # -----------------------------------------------------------------------------
+# The built-in task's table (python boe.py), and how every table counts compute
+#
+# Compute is counted per instance in forward-equivalents: forwards + BACKWARD_COST x backwards. A BoE
+# step at the state runs its forward with gradient tracking and one backward to the input embeddings;
+# we count that as 2 forwards beyond a plain one, about what it costs on a CPU with these models (timed
+# by `python experiments.py time-backward`; it moves from run to run) and more than its arithmetic (the
+# backward to the inputs repeats the forward's matmuls once). A fixed price keeps every table the same
+# on every machine; the forwards and backwards are printed, for any other price.
+BACKWARD_COST = 2.0
+
+FIXED_ORDERS = ("random", "left-to-right", "confidence", "margin", "entropy", "lookahead", "boe")
+ENTROPY_BOUNDS = (0.01, 0.1, 0.3, 1.0)  # gamma, nats: the EB-sampler's usual range and above
+THRESHOLDS = (0.99, 0.9, 0.7)            # tau: around Fast-dLLM's 0.9
+
+
+def wilson_interval(successes, n, z=1.96):
+    """95 % Wilson score interval for a binomial proportion."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(centre - half, 0.0), min(centre + half, 1.0)
+
+
+def evaluate(model, prompts, label, setting, order, steps, cfg, solved_fn=boe.check, backward_cost=BACKWARD_COST):
+    """One row of a table: decode `prompts`, check them, count the compute per instance."""
+    tokens, record = boe.generate(model, prompts, steps, order, cfg)
+    solved = int(solved_fn(tokens).sum())
+    forwards, backwards = record["forwards"].float().mean().item(), record["backwards"].float().mean().item()
+    return dict(rule=label, setting=setting, steps=steps, accuracy=solved / len(prompts),
+                ci95=wilson_interval(solved, len(prompts)), forwards=forwards, backwards=backwards,
+                fwd_equiv=forwards + backward_cost * backwards, wall_s=record["wall_s"])
+
+
+def rule_rows(steps_list, max_steps, paper=False):
+    """(label, setting, order, steps, cfg) for every rule: the fixed-schedule rules at each budget, and
+    the adaptive ones swept over their knob with `max_steps` as a cap that never binds."""
+    default = boe.PAPER_BOE if paper else boe.SamplerConfig()
+    rows = [(order, f"{steps} steps", order, steps, default) for steps in steps_list for order in FIXED_ORDERS]
+    rows += [] if paper else [("boe (paper)", f"{steps} steps", "boe", steps, boe.PAPER_BOE) for steps in steps_list]
+    for order, knob, values in (("entropy-bound", "entropy_bound", ENTROPY_BOUNDS),
+                                ("threshold", "confidence_threshold", THRESHOLDS),
+                                ("boe-adaptive", "entropy_bound", ENTROPY_BOUNDS)):
+        name = "gamma" if knob == "entropy_bound" else "tau"
+        rows += [(order, f"{name} {value}", order, max_steps, replace(default, **{knob: value}))
+                 for value in values]
+    return rows
+
+
+def frontier(rows):
+    """The rows no cheaper (or equally cheap) row matches in accuracy, by cost: a set of (rule, setting)."""
+    best, on = -1.0, set()
+    for row in sorted(rows, key=lambda r: (r["fwd_equiv"], -r["accuracy"])):
+        if row["accuracy"] > best:
+            on.add((row["rule"], row["setting"]))
+        best = max(best, row["accuracy"])
+    return on
+
+
+def print_table(rows):
+    on = frontier(rows)
+    print(f"{'rule':<16}{'setting':<12}{'accuracy':>9}{'95% interval':>17}{'forwards':>10}{'backwards':>10}"
+          f"{'fwd-equiv':>10}   (* = on the compute frontier)")
+    for row in sorted(rows, key=lambda r: r["fwd_equiv"]):
+        low, high = row["ci95"]
+        print(f"{row['rule']:<16}{row['setting']:<12}{row['accuracy']:>9.3f}   [{low:.3f}, {high:.3f}]"
+              f"{row['forwards']:>10.2f}{row['backwards']:>10.2f}{row['fwd_equiv']:>10.2f}"
+              f"{'   *' if (row['rule'], row['setting']) in on else ''}")
+
+
+def builtin_table(model, prompts, steps_list, paper=False, json_path=None):
+    """boe.py's main job: every rule on the built-in task, printed against compute."""
+    cap = boe.SEQ_LEN - boe.PROMPT_LEN
+    rows = [evaluate(model, prompts, label, setting, order, steps, cfg)
+            for label, setting, order, steps, cfg in rule_rows(steps_list, cap, paper)]
+    print(f"\n{len(prompts)} instances, sorted by compute. Per instance: forwards, backwards, and fwd-equiv = "
+          f"forwards + {BACKWARD_COST:g} x backwards. The adaptive rules (entropy-bound, threshold, boe-adaptive) "
+          f"decide each step's size, capped at {cap} steps.")
+    print_table(rows)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # The suite: every rule on every task, over several trained models
 
 
 def run_suite(task_names, seeds, instances, steps_override=None):
-    """{task: {(rule, setting): [row per model]}}, rows as boe.evaluate makes them, plus "successes"."""
+    """{task: {(rule, setting): [row per model]}}, rows as evaluate makes them, plus "successes"."""
     results = {}
     for name in task_names:
         task = tasks.TASKS[name]
         prompts, _ = task.make_instances(instances, seed=1)
         solved = lambda tokens: task.check(prompts, tokens)  # noqa: E731
-        rows = boe.rule_rows(steps_override or task.steps, answer_length(prompts, task))
+        rows = rule_rows(steps_override or task.steps, answer_length(prompts, task))
         results[name] = {}
         for seed in seeds:
             model = suite_model(task, seed)
             start = time.time()
             for label, setting, order, steps, cfg in rows:
-                row = boe.evaluate(model, prompts, label, setting, order, steps, cfg, solved)
+                row = evaluate(model, prompts, label, setting, order, steps, cfg, solved)
                 row.update(successes=round(row["accuracy"] * instances), instances=instances)
                 results[name].setdefault((label, setting), []).append(row)
             print(f"{name}, model seed {seed}: {len(rows)} rules in {time.time() - start:.0f} s", flush=True)
@@ -70,7 +155,7 @@ def pooled(rows):
     accuracies = [row["accuracy"] for row in rows]
     return dict(rule=rows[0]["rule"], setting=rows[0]["setting"], accuracy=sum(accuracies) / len(rows),
                 low=min(accuracies), high=max(accuracies),
-                ci95=boe.wilson_interval(sum(row["successes"] for row in rows), n),
+                ci95=wilson_interval(sum(row["successes"] for row in rows), n),
                 forwards=sum(row["forwards"] for row in rows) / len(rows),
                 backwards=sum(row["backwards"] for row in rows) / len(rows),
                 fwd_equiv=sum(row["fwd_equiv"] for row in rows) / len(rows))
@@ -80,7 +165,7 @@ def print_suite(results):
     for name, by_rule in results.items():
         task = tasks.TASKS[name]
         models = len(next(iter(by_rule.values())))
-        per_model_frontier = [boe.frontier([rows[m] for rows in by_rule.values()]) for m in range(models)]
+        per_model_frontier = [frontier([rows[m] for rows in by_rule.values()]) for m in range(models)]
         print(f"\n{name} ({task.kind}): {models} models, mean over them; range = lowest and highest model; "
               f"interval = 95 % of the pooled decodings; frontier = on how many models' compute frontier")
         print(f"{'rule':<16}{'setting':<12}{'accuracy':>9}{'range':>16}{'95% interval':>17}{'forwards':>10}"
@@ -124,7 +209,7 @@ def plot_suite(results, folder):
         ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]))
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_xlabel(f"forward-equivalents per instance (a backward = {boe.BACKWARD_COST:g} forwards)")
+        ax.set_xlabel(f"forward-equivalents per instance (a backward = {BACKWARD_COST:g} forwards)")
         ax.set_ylabel("accuracy")
         ax.set_title(f"{name}, mean of {len(next(iter(by_rule.values())))} models\n{tasks.TASKS[name].kind}",
                      fontsize=10)
@@ -159,10 +244,10 @@ def tune(instances):
         solved = lambda tokens: task.check(prompts, tokens)  # noqa: E731
         budgets = task.steps[:-1]  # the last budget is one reveal a step, where BoE is confidence
         for i, cfg in enumerate(grid):
-            rows = [boe.evaluate(model, prompts, "", "", "boe", steps, cfg, solved) for steps in budgets]
+            rows = [evaluate(model, prompts, "", "", "boe", steps, cfg, solved) for steps in budgets]
             scores["boe", i].append([sum(r[k] for r in rows) / len(rows) for k in ("accuracy", "fwd_equiv")])
         for i, cfg in enumerate(adaptive_grid):
-            row = boe.evaluate(model, prompts, "", "", "boe-adaptive", answer_length(prompts, task), cfg, solved)
+            row = evaluate(model, prompts, "", "", "boe-adaptive", answer_length(prompts, task), cfg, solved)
             scores["boe-adaptive", i].append([row["accuracy"], row["fwd_equiv"]])
         print(f"tuned on {task.name}", flush=True)
     for order, configs in (("boe", grid), ("boe-adaptive", adaptive_grid)):
@@ -426,14 +511,14 @@ def ablations(instances):
     steps_list = tasks.MARKS.steps
     print(f"Ablations on the built-in task ({instances} instances of seed 1): accuracy at steps {list(steps_list)}")
     for label, order, cfg in ablation_rows(boe.SamplerConfig()):
-        rows = [boe.evaluate(model, prompts, label, "", order, steps, cfg) for steps in steps_list]
+        rows = [evaluate(model, prompts, label, "", order, steps, cfg) for steps in steps_list]
         print(f"{label:<30}" + "".join(f"{row['accuracy']:>8.3f}" for row in rows))
     gamma = boe.SamplerConfig().entropy_bound
     for label, cfg in (("boe-adaptive", boe.SamplerConfig()),
                        ("boe-adaptive (pick always)", boe.SamplerConfig(adaptive_pick="always")),
                        ("boe-adaptive (tangent)", boe.SamplerConfig(estimator="tangent")),
                        ("boe-adaptive (no TIS)", boe.SamplerConfig(use_tis=False))):
-        row = boe.evaluate(model, prompts, label, "", "boe-adaptive", boe.SEQ_LEN - boe.PROMPT_LEN, cfg)
+        row = evaluate(model, prompts, label, "", "boe-adaptive", boe.SEQ_LEN - boe.PROMPT_LEN, cfg)
         print(f"{label + f', gamma {gamma}':<30}{row['accuracy']:>8.3f}  at {row['forwards']:.2f} forwards + "
               f"{row['backwards']:.2f} backwards")
 
@@ -446,7 +531,7 @@ def show(task_name, instance, steps):
     prompt = prompts[instance:]  # [1, L]
     cap = answer_length(prompt, task)
     print(f"{task_name} instance {instance} of seed 1 ('_' = [MASK]); fixed-schedule rules at {steps} steps")
-    for label, order, n_steps, cfg in [(order, order, steps, boe.SamplerConfig()) for order in boe.FIXED_ORDERS] + [
+    for label, order, n_steps, cfg in [(order, order, steps, boe.SamplerConfig()) for order in FIXED_ORDERS] + [
             ("boe (paper)", "boe", steps, boe.PAPER_BOE), ("entropy-bound", "entropy-bound", cap, boe.SamplerConfig()),
             ("threshold", "threshold", cap, boe.SamplerConfig()), ("boe-adaptive", "boe-adaptive", cap, boe.SamplerConfig())]:
         tokens, record = boe.generate(model, prompt, n_steps, order, cfg)
@@ -486,7 +571,7 @@ def backward_cost(model, prompts, sparse, repeats=15):
 
 def time_backward():
     print(f"BoE's backward beyond a plain forward, in forwards (batch 512, median of 15; boe.py counts "
-          f"{boe.BACKWARD_COST:g}):")
+          f"{BACKWARD_COST:g}):")
     for task in tasks.TASKS.values():
         prompts, _ = task.make_instances(512, seed=1)
         model = suite_model(task, 0)

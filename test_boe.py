@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import attn_kernel
 import boe
+import experiments
 from conftest import needs_triton, run_without_triton
 
 # The model's attention runs the pure-PyTorch ActiveQueryAttention here; the Triton path (interpreted
@@ -622,10 +623,10 @@ def test_main_job_prints_every_rule_and_writes_json(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
     assert {row["rule"] for row in rows} == set(boe.ORDERS) | {"boe (paper)"}
-    assert {row["setting"] for row in rows if row["rule"] == "entropy-bound"} == {f"gamma {g}" for g in boe.ENTROPY_BOUNDS}
+    assert {row["setting"] for row in rows if row["rule"] == "entropy-bound"} == {f"gamma {g}" for g in experiments.ENTROPY_BOUNDS}
     assert all(set(row) == {"rule", "setting", "steps", "accuracy", "ci95", "forwards", "backwards", "fwd_equiv",
                             "wall_s"} for row in rows)
-    assert all(row["fwd_equiv"] == row["forwards"] + boe.BACKWARD_COST * row["backwards"] for row in rows)
+    assert all(row["fwd_equiv"] == row["forwards"] + experiments.BACKWARD_COST * row["backwards"] for row in rows)
     assert "compute frontier" in result.stdout and result.stdout.count("   *") >= 1
 
 

@@ -1,5 +1,6 @@
 """Tests for tasks.py and experiments.py: each task's checker against brute force over whole answer spaces,
-the tuning / evaluation / training split, and every measurement command end to end on the shipped models."""
+the tuning / evaluation / training split, the tables' frontier and intervals against their definitions,
+and every measurement command end to end on the shipped models."""
 import itertools
 import os
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import boe
+import experiments
 import tasks
 
 
@@ -109,6 +111,36 @@ def run(*args, timeout=600):
     assert result.returncode == 0, result.stderr
     assert "train step" not in result.stdout, "the shipped weights should load, not be retrained"
     return result.stdout
+
+
+def test_frontier_is_every_row_no_cheaper_row_matches_in_accuracy():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(1, 9, (1,), generator=gen))
+        # Coarse values, so that ties in cost and in accuracy are common.
+        costs = torch.randint(1, 5, (n,), generator=gen).tolist()
+        accuracies = (torch.randint(0, 4, (n,), generator=gen) / 4).tolist()
+        rows = [dict(rule=str(i), setting="", fwd_equiv=c, accuracy=a) for i, (c, a) in enumerate(zip(costs, accuracies))]
+        # The definition, by brute force: a row is on the frontier when every other row that costs at most as
+        # much is less accurate; among rows equal in cost and accuracy, the first in sorted order counts.
+        expected = set()
+        for i, row in enumerate(rows):
+            rivals = [other for j, other in enumerate(rows) if j != i and other["fwd_equiv"] <= row["fwd_equiv"]]
+            beaten = any(other["accuracy"] > row["accuracy"] or (other["accuracy"] == row["accuracy"] and (
+                other["fwd_equiv"] < row["fwd_equiv"] or int(other["rule"]) < i)) for other in rivals)
+            if not beaten:
+                expected.add((row["rule"], ""))
+        assert experiments.frontier(rows) == expected
+
+
+@pytest.mark.parametrize("successes, n", [(0, 10), (3, 10), (10, 10), (500, 1000), (1, 2)])
+def test_wilson_interval_holds_the_proportions_a_binomial_test_does_not_reject(successes, n):
+    # The Wilson interval is {p : |successes/n - p| <= 1.96 sqrt(p (1 - p) / n)}: check it on a fine grid.
+    low, high = experiments.wilson_interval(successes, n)
+    grid = torch.linspace(0, 1, 200001, dtype=torch.float64)
+    inside = (successes / n - grid).abs() <= 1.96 * (grid * (1 - grid) / n).sqrt()
+    assert low == pytest.approx(grid[inside].min().item(), abs=1e-5)
+    assert high == pytest.approx(grid[inside].max().item(), abs=1e-5)
 
 
 def test_suite_quick_runs_every_rule_on_every_task():

@@ -284,7 +284,7 @@ class SamplerConfig:
     reveal: str = "onehot"          # BoE: a reveal's direction: "onehot" = E[argmax p] - E[MASK];
                                     # "soft" = sum_v w(v) E[v] - E[MASK], w ~ p ** (1 / tau) (paper)
     estimator: str = "norm"         # BoE: influence from the gradient g: "tangent" = -<g_i, delta_i>
-                                    # (paper); "norm" = |g_i|, which ignores `reveal`
+                                    # (paper); "norm" = |g_i|; "norm-entropy" = |g_i| H_i (both ignore `reveal`)
     candidates: int = 0             # BoE: r, candidates per step (most confident first; at least the
                                     # budget); 0 = every masked position
     influential: int = 1            # BoE: reveals per step chosen by score, the rest of the budget by
@@ -543,7 +543,7 @@ def commit(logits, temperature, generators):
 #   reveal="soft"    delta_i = e~_i - E[MASK], the expected reveal (the paper)
 #   reveal="onehot"  delta_i = E[argmax p_i] - E[MASK], the reveal the sampler commits [ours]
 #
-# From g to a score (influence_scores): the paper's tangent, or its size |g_i| [ours]. Then the paper's
+# From g to a score (influence_scores): the paper's tangent, its size |g_i|, or |g_i| H_i [ours]. Then the paper's
 # confidence gate and anti-collapse penalty (boe_scores), and a set rule [ours]: a step's reveals are
 # committed together, each from its marginal, and the tokens that most lower everyone else's entropy
 # are the most tied to each other, so two of them revealed together can disagree. BoE picks one reveal
@@ -607,17 +607,23 @@ def entropy_gradient(logits_fn, embeds, probes, mask_id=None, active=None):
         return logits.detach(), probe_entropy_gradient(logits, embeds, probes, mask_id)
 
 
-def influence_scores(grad, delta, candidates, cfg):
-    """Each candidate's predicted influence [B, L] (0 elsewhere) from g = dH/de [B, L, D] and the reveal's
-    delta [B, L, D]:
-      "tangent"  TIS_i = -<g_i, delta_i>: the first-order drop of the entropy left (the paper)
-      "norm"     |g_i|, how strongly the entropy left depends on anything at i [ours]. A reveal moves
-                 e_i far, along a strongly curved path on which the tangent's sign and size are often
-                 wrong; on average revealing a token can only lower the others' entropy (conditioning
-                 does not raise entropy in expectation), so the size is kept and the direction dropped."""
-    if cfg.estimator == "norm":
-        return grad.norm(dim=-1) * candidates  # [B, L]
-    return -(grad * delta.to(grad.dtype)).sum(-1) * candidates  # [B, L]
+def influence_scores(grad, delta, own_entropy, candidates, cfg):
+    """Each candidate's predicted influence [B, L] (0 elsewhere) from g = dH/de [B, L, D], the reveal's
+    delta [B, L, D] and the candidate's own entropy H_i [B, L]:
+      "tangent"       TIS_i = -<g_i, delta_i>: the first-order drop of the entropy left (the paper)
+      "norm"          |g_i|, how strongly the entropy left depends on anything at i [ours]. A reveal moves
+                      e_i far, along a strongly curved path on which the tangent's sign and size are
+                      often wrong; on average revealing a token can only lower the others' entropy
+                      (conditioning does not raise entropy in expectation), so the size is kept.
+      "norm-entropy"  |g_i| H_i [ours]. A reveal tells the rest at most what it did not know about x_i:
+                      in expectation it lowers their joint entropy by I(x_i; rest) <= H_i. The gradient
+                      at E[MASK] cannot see this: it treats revealing a near-certain token, which tells
+                      nothing, as the same long move of e_i as revealing an open choice. So the
+                      sensitivity is weighed by the information the reveal carries."""
+    if cfg.estimator == "tangent":
+        return -(grad * delta.to(grad.dtype)).sum(-1) * candidates  # [B, L]
+    size = grad.norm(dim=-1) * candidates  # [B, L]
+    return size * own_entropy if cfg.estimator == "norm-entropy" else size  # [B, L]
 
 
 def boe_step(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, progress=1.0, revealable=None,
@@ -678,10 +684,15 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
     logits = raw_logits.detach().float()  # [B, L, V]
     logits[..., mask_id] = -math.inf  # the model never proposes [MASK]
     probs = logits.softmax(-1)  # [B, L, V]
+    own_entropy = entropy(probs)  # [B, L]
     if adaptive:  # the entropy bound decides how many; BoE picks only where it admits a single token
-        bounded = entropy_bound_count(entropy(probs), revealable, cfg.entropy_bound)  # [B]
+        bounded = entropy_bound_count(own_entropy, revealable, cfg.entropy_bound)  # [B]
         budget = torch.maximum(budget, bounded)  # [B]
         picks = pick_counts(budget) * ((bounded <= 1) | (cfg.adaptive_pick == "always"))  # [B]
+        # BoE picks the free token: the bound reveals its other budget - picks positions (the lowest in
+        # entropy) anyway, so they are no candidates; a pick among them would leave the free token to the bound.
+        settled, settled_valid = top_masked(-own_entropy, revealable, (budget - picks) * (picks > 0))  # [B, K]
+        revealable = revealable & ~torch.zeros_like(masked).scatter(1, settled, settled_valid)  # [B, L]
     if cfg.candidates == 0:  # every revealable position is a candidate [ours]
         candidates = revealable  # [B, L]
     else:  # the paper's prefilter: the r most confident, at least the budget, so every reveal has a score
@@ -696,14 +707,14 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
     delta = (reveal_embeds - embedding.detach()[mask_id].to(reveal_embeds.dtype)) * candidates[..., None]  # [B, L, D]
     if cfg.linearize == "state":  # one backward through the step's own forward
         grad = probe_entropy_gradient(raw_logits, embeds, masked & charged[:, None], mask_id)  # [B, L, D]
-        return logits, budget, candidates, picks, influence_scores(grad, delta, candidates, cfg), charged
+        return logits, budget, candidates, picks, influence_scores(grad, delta, own_entropy, candidates, cfg), charged
     probes = surrogate_probes(logits, masked, candidates, cfg)  # [B, L]
     charged &= probes.any(1)  # [B] a row without probes has nothing to differentiate
     if charged.any():
         surrogate = torch.where(candidates[..., None], reveal_embeds.to(embeds.dtype), embeds)  # [B, L, D]
         active = (candidates | probes) if cfg.sparse_backward else None  # [B, L]
         _, grad = entropy_gradient(logits_fn, surrogate, probes & charged[:, None], mask_id, active)  # [B, L, D]
-        influence = influence_scores(grad, delta, candidates, cfg)  # [B, L]
+        influence = influence_scores(grad, delta, own_entropy, candidates, cfg)  # [B, L]
     return logits, budget, candidates, picks, influence, charged
 
 
@@ -780,7 +791,7 @@ def check_sampler_config(cfg):
     if not isinstance(cfg, SamplerConfig):
         raise TypeError(f"cfg must be a SamplerConfig; got {type(cfg).__name__}")
     for name, options in (("linearize", ("state", "surrogate")), ("reveal", ("onehot", "soft")),
-                          ("estimator", ("tangent", "norm")), ("adaptive_pick", ("stuck", "always"))):
+                          ("estimator", ("tangent", "norm", "norm-entropy")), ("adaptive_pick", ("stuck", "always"))):
         if getattr(cfg, name) not in options:
             raise ValueError(f"{name} must be one of {options}; got {getattr(cfg, name)!r}")
     for name, ok, rule in (

@@ -149,7 +149,7 @@ def test_tis_same_with_triton_and_torch_backends(monkeypatch):
     assert torch.allclose(results["triton"], results["torch"], rtol=1e-4, atol=1e-4 * scale)
 
 
-@pytest.mark.parametrize("estimator", ["tangent", "norm"])
+@pytest.mark.parametrize("estimator", ["tangent", "norm", "norm-entropy"])
 @pytest.mark.parametrize("sparse", [True, False])
 def test_fused_step_gives_the_logits_and_influence_of_separate_passes(estimator, sparse):
     # The state's step differentiates its own forward. Unfused: a plain forward for the logits, then a
@@ -162,14 +162,50 @@ def test_fused_step_gives_the_logits_and_influence_of_separate_passes(estimator,
     table = model.token_embedding.weight
     logits, _, candidates, _, influence, charged = boe.boe_influence(tokens, masked, budget, table,
                                                                      model.forward_embeds, boe.MASK, cfg)
-    plain_logits, _ = boe.predict(model, tokens)  # [B, L, V]
+    plain_logits, plain_probs = boe.predict(model, tokens)  # [B, L, V]
     assert torch.equal(logits, plain_logits)
     _, grad = boe.entropy_gradient(model.forward_embeds, model.embed(tokens), masked, boe.MASK,
                                    masked if sparse else None)  # [B, L, D]
     delta = (table[plain_logits.argmax(-1)] - table[boe.MASK]) * masked[..., None]  # [B, L, D]
     assert torch.equal(candidates, masked) and torch.equal(charged, budget < masked.sum(1))
-    want = boe.influence_scores(grad, delta, masked, cfg) * charged[:, None]  # rows with no choice get none
-    assert not charged.all() and torch.allclose(influence, want, rtol=1e-12, atol=1e-15)
+    want = boe.influence_scores(grad, delta, boe.entropy(plain_probs), masked, cfg) * charged[:, None]  # [B, L]
+    assert not charged.all() and torch.allclose(influence, want, rtol=1e-12, atol=1e-15)  # no choice: none
+
+
+def test_adaptive_boe_picks_its_token_outside_the_set_the_bound_reveals_anyway():
+    # With a loose bound the bound admits several positions; BoE's pick (the free token) must come from
+    # the others, or the step would reveal the bound's own free token and the backward would be wasted.
+    model = random_model()
+    tokens = partly_masked_prompts(n=16)
+    masked = tokens == boe.MASK  # [B, L]
+    cfg = boe.SamplerConfig(adaptive_pick="always", entropy_bound=6.0)  # nats: 2 to 3 positions here
+    logits, scores, budget, charged = boe.boe_step(tokens, masked, torch.ones(len(tokens), dtype=torch.long),
+                                                   model.token_embedding.weight, model.forward_embeds, boe.MASK,
+                                                   cfg, adaptive=True)
+    own_entropy = boe.entropy(logits.softmax(-1))  # [B, L]
+    checked = 0
+    for row in range(len(tokens)):
+        picked = torch.nonzero(scores[row] == math.inf).flatten().tolist()
+        assert len(picked) == int(charged[row])  # one pick where the backward ran, none elsewhere
+        if not picked or budget[row] < 2:
+            continue
+        order = own_entropy[row].masked_fill(~masked[row], math.inf).argsort(stable=True)  # [L] ascending
+        assert picked[0] not in order[: int(budget[row]) - 1].tolist()
+        revealed = scores[row].argsort(descending=True, stable=True)[: int(budget[row])]  # the step's reveals
+        assert set(revealed.tolist()) == set(order[: int(budget[row]) - 1].tolist()) | {picked[0]}
+        checked += 1
+    assert checked >= 3
+
+
+def test_norm_entropy_weighs_the_gradient_size_by_the_candidates_own_entropy():
+    gen = torch.Generator().manual_seed(0)
+    grad, delta = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64), torch.randn(3, 5, 4, generator=gen)
+    probs = torch.rand(3, 5, 6, generator=gen, dtype=torch.float64).softmax(-1)  # [B, L, V]
+    candidates = torch.rand(3, 5, generator=gen) < 0.6  # [B, L]
+    own_entropy = -(probs * probs.log()).sum(-1)  # [B, L]
+    got = boe.influence_scores(grad, delta, own_entropy, candidates, boe.SamplerConfig(estimator="norm-entropy"))
+    want = torch.linalg.vector_norm(grad, dim=-1) * own_entropy * candidates  # [B, L]
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
 
 
 # -----------------------------------------------------------------------------

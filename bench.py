@@ -413,7 +413,7 @@ def boe_step_functions(device, dtype):
     budget = torch.full((BOE_BATCH,), BOE_BUDGET, device=device)  # [B]
     table = model.token_embedding.weight
     boe.ATTENTION_BACKEND = "triton"
-    default = boe.SamplerConfig()
+    default = boe.SamplerConfig(sparse_backward=True)  # the active-row backward this file times
     paper = replace(boe.PAPER_BOE, candidates=BOE_CANDIDATES)
     description = (f"{BOE_MODEL}, batch {BOE_BATCH}, {n_masked} of {seq_len} positions masked (the active rows "
                    f"at the state), budget {BOE_BUDGET}; the paper's surrogate with {BOE_CANDIDATES} candidates")

@@ -8,6 +8,7 @@ was measured. `python boe.py` prints its table with builtin_table below; each su
     python experiments.py ablations                      BoE and the lookahead taken apart
     python experiments.py show INSTANCE                  one decoding by every rule, step by step
     python experiments.py time-backward                  the cost of BoE's backward, timed here, in forwards
+    python experiments.py loss                           each model's training loss: where training stopped
     python experiments.py train                          train (or load) every model of the suite
 
 The models are the shipped weights in weights/ (TASK-seedS.pt); a missing or stale file is retrained with
@@ -31,7 +32,8 @@ TUNING = 300                 # tuning instances per task (seed 0)
 
 
 def suite_model(task, seed, retrain=False):
-    cfg = boe.TrainConfig(seed=seed, cache=os.path.join("weights", f"{task.name}-seed{seed}.pt"))
+    cache = os.path.join("weights", f"{task.name}-seed{seed}.pt")
+    cfg = boe.TrainConfig(steps=task.train_steps, seed=seed, cache=cache)
     return boe.load_or_train(task.model_cfg, cfg, task.training_batch, task=task.name, retrain=retrain)
 
 
@@ -226,17 +228,19 @@ def plot_suite(results, folder):
 # BoE's grid search, on the tuning instances of every task
 
 
+ESTIMATORS = (("tangent", "onehot"), ("tangent", "soft"), ("norm", "onehot"), ("norm-entropy", "onehot"))
+
+
 def tune(instances):
     """Every combination of BoE's main knobs, fixed schedule and adaptive, on `instances` tuning instances
     (seed 0) of every task, with each task's seed-0 model. Rule: the highest accuracy averaged over tasks
     (each task's budgets averaged first), so that every task counts the same; on a tie, the cheaper."""
     grid = [replace(boe.SamplerConfig(), estimator=estimator, reveal=reveal, influential=influential, lam=lam,
                     h_max=h_max, sparse_backward=sparse)
-            for estimator, reveal in (("tangent", "onehot"), ("tangent", "soft"), ("norm", "onehot"))
-            for influential in (0, 1) for lam, h_max in ((0.0, 0.0), (1.0, 0.5)) for sparse in (True, False)]
+            for estimator, reveal in ESTIMATORS for influential in (0, 1)
+            for lam, h_max in ((0.0, 0.0), (1.0, 0.5)) for sparse in (True, False)]
     adaptive_grid = [replace(boe.SamplerConfig(), estimator=estimator, reveal=reveal, adaptive_pick=pick)
-                     for estimator, reveal in (("tangent", "onehot"), ("tangent", "soft"), ("norm", "onehot"))
-                     for pick in ("stuck", "always")]
+                     for estimator, reveal in ESTIMATORS for pick in ("stuck", "always")]
     scores = {("boe", i): [] for i in range(len(grid))} | {("boe-adaptive", i): [] for i in range(len(adaptive_grid))}
     for task in tasks.TASKS.values():
         prompts, _ = task.make_instances(instances, seed=0)
@@ -326,7 +330,7 @@ def stuck_choices(instances, bound=0.1):
     reveal (argmax) lowers the other masked positions' entropy most (one forward per position)."""
     print(f"\nAt the steps where the entropy bound (gamma {bound}) is stuck: how often each score's first choice "
           f"is the exact one (the largest drop of the others' entropy)")
-    print(f"{'task':<11}{'states':>8}{'|g|':>8}{'tangent':>9}{'most uncertain':>16}{'least uncertain':>17}")
+    print(f"{'task':<11}{'states':>8}{'|g|':>8}{'|g| H':>8}{'tangent':>9}{'most uncertain':>16}{'least uncertain':>17}")
     for task in tasks.TASKS.values():
         prompts, _ = task.make_instances(instances, seed=1)
         model = suite_model(task, 0)
@@ -358,10 +362,10 @@ def stuck_choices(instances, bound=0.1):
         table = model.token_embedding.weight.detach()  # [V, D]
         _, grad = boe.entropy_gradient(model.forward_embeds, model.embed(states), masked, model.mask_id, masked)
         delta = table[logits.argmax(-1)] - table[model.mask_id]  # [N, L, D]
-        scores = (grad.norm(dim=-1), -(grad * delta).sum(-1), own, -own)  # each [N, L]
+        scores = (grad.norm(dim=-1), grad.norm(dim=-1) * own, -(grad * delta).sum(-1), own, -own)  # each [N, L]
         best = exact.argmax(1)  # [N]
         agree = [(score.masked_fill(~masked, -math.inf).argmax(1) == best).float().mean().item() for score in scores]
-        print(f"{task.name:<11}{len(states):>8}" + "".join(f"{a:>{w}.0%}" for a, w in zip(agree, (8, 9, 16, 17))))
+        print(f"{task.name:<11}{len(states):>8}" + "".join(f"{a:>{w}.0%}" for a, w in zip(agree, (8, 8, 9, 16, 17))))
 
 
 def picks(instances):
@@ -470,11 +474,11 @@ def fidelity(instances):
     steps_list = tasks.MARKS.steps
     print(f"How BoE's estimate ranks its candidates against exact one-step drops ({instances} instances, "
           f"decodings at steps {list(steps_list)}): mean Spearman, how often the top choices agree")
-    print(f"{'':<16}{'decisions':>10}" + "".join(f"{a + ' vs ' + b:>22}" for a, b in FIDELITY_PAIRS))
-    for label, cfg in (("boe", boe.SamplerConfig()), ("boe (paper)", boe.PAPER_BOE),
-                       ("boe (tangent)", boe.SamplerConfig(estimator="tangent"))):
+    print(f"{'':<20}{'decisions':>10}" + "".join(f"{a + ' vs ' + b:>22}" for a, b in FIDELITY_PAIRS))
+    for label, cfg in [(f"boe ({estimator})", boe.SamplerConfig(estimator=estimator))
+                       for estimator in ("norm-entropy", "norm", "tangent")] + [("boe (paper)", boe.PAPER_BOE)]:
         fid = tis_fidelity(model, prompts, steps_list, cfg)
-        print(f"{label:<16}{fid['decisions']:>10}" + "".join(
+        print(f"{label:<20}{fid['decisions']:>10}" + "".join(
             f"{'n/a':>22}" if fid[pair] is None else f"{fid[pair][0]:+16.2f} {fid[pair][1]:5.0%}"
             for pair in FIDELITY_PAIRS))
 
@@ -579,6 +583,27 @@ def time_backward():
               f"{backward_cost(model, prompts, False):.2f}")
 
 
+@torch.no_grad()
+def model_loss(instances=2000):
+    """Each shipped model's training objective (the masked-diffusion bound on -log p(answer), per answer
+    position) on tuning instances: where training stopped. On the built-in task the least it can be is
+    the entropy of the free choice, E[log k] / 9 nats a position (k open cells, 9 answer positions)."""
+    print(f"Masked-diffusion loss per answer position on {instances} tuning instances (seed 0), each model:")
+    for task in tasks.TASKS.values():
+        prompts, answers = task.make_instances(instances, seed=0)
+        losses = []
+        for seed in SEEDS:
+            model = suite_model(task, seed)
+            gen = torch.Generator().manual_seed(0)  # the same masks for every model
+            losses.append(sum(boe.masked_diffusion_loss(model, prompts, answers, gen).item() for _ in range(4)) / 4)
+        floor = ""
+        if task is tasks.MARKS:
+            open_cells = (prompts[:, : boe.N_CELLS] == boe.OPEN).sum(1).double()  # [n]
+            floor = f"   (floor: {open_cells.log().mean().item() / (boe.SEQ_LEN - boe.PROMPT_LEN):.4f})"
+        print(f"  {task.name:<10} {task.train_steps:>6} training steps   " +
+              "  ".join(f"seed {seed} {loss:.4f}" for seed, loss in zip(SEEDS, losses)) + floor)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -595,6 +620,7 @@ def main():
     show_args.add_argument("--task", default="marks", choices=list(tasks.TASKS))
     show_args.add_argument("--steps", type=int, default=3, help="budget of the fixed-schedule rules")
     commands.add_parser("time-backward")
+    commands.add_parser("loss", help="each model's training loss on tuning instances")
     commands.add_parser("train").add_argument("--retrain", action="store_true")
     args = parser.parse_args()
     if getattr(args, "instances", 1) < 1 or getattr(args, "instance", 0) < 0 or getattr(args, "steps", 1) < 1:
@@ -617,6 +643,8 @@ def main():
         show(args.task, args.instance, args.steps)
     elif args.command == "time-backward":
         time_backward()
+    elif args.command == "loss":
+        model_loss()
     else:
         dict(tune=tune, picks=picks, fidelity=fidelity, ablations=ablations)[args.command](args.instances)
 

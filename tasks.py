@@ -36,6 +36,7 @@ class Task:
     solutions: Callable            # (prompt [L]) -> every valid answer [S, L]
     chars: str                     # one character per token id, for printing
     steps: tuple                   # fixed-schedule budgets worth comparing (the last: one reveal a step)
+    train_steps: int = boe.TrainConfig.steps  # training length: until the loss stops falling, unless said
 
 
 def completable(task, prompts, tokens):
@@ -71,8 +72,11 @@ MARKS = Task("marks", "aleatoric: the pivot is a free choice", boe.ModelConfig()
 # There are only 288 grids, and a model trained on all of them learns them by heart: it then solves every
 # puzzle in one forward, and the order of reveals cannot matter. So a quarter of the grids is held out of
 # training, and every puzzle is cut from a held-out grid: the model must solve grids it has never seen,
-# with what it has learnt of the rules. (A 6x6 Sudoku, with millions of grids, is beyond a model of this
-# size: trained the same way it solves none.)
+# with what it has learnt of the rules. It is trained for 3000 steps, not to convergence: trained as
+# long as the other tasks (10000 steps) it learns the rules well enough to solve 99 % of held-out
+# puzzles in two forwards, with 10 holes or with 12, and no order of reveals can matter. Stopped early,
+# its uncertainty is its own ignorance of the rules, which is what this task is for. (A 6x6 Sudoku,
+# with millions of grids, is beyond a model of this size: trained for 3000 steps it solves none.)
 
 SUDOKU_MASK = 4
 SUDOKU_HOLES = 10
@@ -136,7 +140,7 @@ def sudoku_check(prompts, tokens):
 
 SUDOKU = Task("sudoku", "epistemic: one solution, on a grid the model never saw",
               boe.ModelConfig(vocab_size=5, mask_id=SUDOKU_MASK, seq_len=16), sudoku_instances, sudoku_training_batch,
-              sudoku_check, sudoku_solutions, "1234_", (2, 3, 5, 10))
+              sudoku_check, sudoku_solutions, "1234_", (2, 3, 5, 10), train_steps=3000)
 
 
 # -----------------------------------------------------------------------------

@@ -214,8 +214,8 @@ def test_norm_entropy_weighs_the_gradient_size_by_the_candidates_own_entropy():
 ALL_ORDERS = list(boe.ORDERS)
 # Every order rule with its default settings, and BoE in every configuration it offers: the paper's
 # (the surrogate state; with these prompts' at most 8 masked positions and r = 8 there are never probes,
-# so also with 2 candidates, with capped probes, and a dense backward), and at the state the tangent,
-# a soft reveal, the whole budget by score, two influential reveals, 2 candidates, a dense backward,
+# so also with 2 candidates, with capped probes, and a dense backward), and at the state the tangent, |g| alone,
+# a soft reveal, the whole budget by score, two influential reveals, 2 candidates, the active-row backward,
 # and no TIS; and more candidates asked for than there are positions.
 BOE_CONFIGS = {
     "boe-paper": boe.PAPER_BOE,
@@ -223,11 +223,12 @@ BOE_CONFIGS = {
     "boe-paper-r2-rho0.1": dataclasses.replace(boe.PAPER_BOE, candidates=2, rho=0.1),
     "boe-paper-r2-dense": dataclasses.replace(boe.PAPER_BOE, candidates=2, sparse_backward=False),
     "boe-tangent": boe.SamplerConfig(estimator="tangent"),
+    "boe-norm": boe.SamplerConfig(estimator="norm"),
     "boe-tangent-soft": boe.SamplerConfig(estimator="tangent", reveal="soft", tau=0.5),
     "boe-whole-budget": boe.SamplerConfig(influential=0),
     "boe-influential2": boe.SamplerConfig(influential=2),
     "boe-r2": boe.SamplerConfig(candidates=2),
-    "boe-dense": boe.SamplerConfig(sparse_backward=False),
+    "boe-sparse": boe.SamplerConfig(sparse_backward=True),
     "boe-no-tis": boe.SamplerConfig(use_tis=False),
     "boe-r50": boe.SamplerConfig(candidates=50),
 }
@@ -431,7 +432,9 @@ def boe_step_args(**bad):
     (dict(progress=0.0), ValueError, "progress"),
     (dict(cfg=None), TypeError, "cfg must be a SamplerConfig"),
     (dict(cfg=boe.SamplerConfig(estimator="nrom")), ValueError, "estimator must be one of"),
-    (dict(logits_fn=lambda embeds: embeds), TypeError, "logits_fn must take an `active` keyword"),
+    (dict(logits_fn=lambda embeds: embeds, cfg=boe.SamplerConfig(sparse_backward=True)), TypeError,
+     "logits_fn must take an `active` keyword"),
+    (dict(logits_fn=lambda embeds: embeds), TypeError, r"one logit per row of the embedding table \(V = 14\)"),
     (dict(logits_fn=lambda embeds, active=None: types.SimpleNamespace(logits=embeds)), TypeError,
      "logits_fn must return float logits"),
 ], ids=lambda x: None)
@@ -762,7 +765,8 @@ def reference_sdpa(active):
     return sdpa
 
 
-@pytest.mark.parametrize("cfg", [boe.SamplerConfig(), boe.SamplerConfig(estimator="tangent"),
+@pytest.mark.parametrize("cfg", [boe.SamplerConfig(sparse_backward=True),
+                                 boe.SamplerConfig(estimator="tangent", sparse_backward=True),
                                  dataclasses.replace(boe.PAPER_BOE, candidates=3)], ids=["default", "tangent", "paper-r3"])
 def test_boe_step_on_a_hugging_face_style_model_matches_the_reference_semantics(cfg, monkeypatch):
     model = stand_in()

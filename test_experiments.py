@@ -160,6 +160,7 @@ def test_measurement_commands_run_on_the_shipped_models():
     shown = run("show", "0", "--task", "countdown", "--steps", "2")
     assert "boe-adaptive:" in shown and "step 1:" in shown
     assert "active rows" in run("time-backward")
+    assert "floor:" in run("loss")
 
 
 def test_suite_plot_writes_a_png_per_task(tmp_path):

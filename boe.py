@@ -587,7 +587,7 @@ def call_logits_fn(logits_fn, embeds, active=None, vocab=None):
         raise TypeError(f"logits_fn must return float logits [B, L, V] with B, L = {tuple(embeds.shape[:2])}; got "
                         f"{type(logits).__name__} {tuple(getattr(logits, 'shape', ()))} (for a Hugging Face "
                         f"model return model(...).logits)")
-    if vocab is not None and logits.shape[-1] != vocab:  # a reveal is looked up in the embedding table by its logits' argmax
+    if vocab is not None and logits.shape[-1] != vocab:  # a reveal is the embedding row of its logits' argmax
         raise TypeError(f"logits_fn must return one logit per row of the embedding table (V = {vocab}); got "
                         f"{logits.shape[-1]}")
     return logits
@@ -645,7 +645,8 @@ def boe_step(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, progres
     masked     : bool [B, L] positions still [MASK]: their entropy is the cost
     budget     : [B] reveals this step; with adaptive=True the least the step reveals
     embedding  : [V, D] the input embedding table (a Hugging Face model's get_input_embeddings().weight)
-    logits_fn  : embeds [B, L, D] -> logits [B, L, V]; also called as logits_fn(e, active=rows)
+    logits_fn  : embeds [B, L, D] -> logits [B, L, V]; with cfg.sparse_backward also called as
+                 logits_fn(e, active=rows)
     mask_id    : id of [MASK]
     cfg        : SamplerConfig, BoE's knobs (and cfg.entropy_bound when adaptive)
     progress   : steps left / steps: 1 at the first step, 1 / T at the last; scales the penalty floor

@@ -62,7 +62,8 @@ def wilson_interval(successes, n, z=1.96):
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(centre - half, 0.0), min(centre + half, 1.0)
+    # The interval holds p; at p = 0 or 1 rounding can leave an end a hair on the wrong side of it.
+    return min(max(centre - half, 0.0), p), max(min(centre + half, 1.0), p)
 
 
 def evaluate(model, prompts, label, setting, order, steps, cfg, solved_fn=boe.check, backward_cost=BACKWARD_COST):
@@ -204,7 +205,8 @@ def plot_suite(results, folder):
             if not rows:
                 continue
             x, y = [r["fwd_equiv"] for r in rows], [r["accuracy"] for r in rows]
-            errors = [[r["accuracy"] - r["ci95"][0] for r in rows], [r["ci95"][1] - r["accuracy"] for r in rows]]
+            errors = [[max(r["accuracy"] - r["ci95"][0], 0) for r in rows],
+                      [max(r["ci95"][1] - r["accuracy"], 0) for r in rows]]
             ax.errorbar(x, y, yerr=errors, color=colour, marker=marker, markersize=7 if marker == "*" else 5,
                         capsize=2, linewidth=1, label=family)
         ax.set_xscale("log")
@@ -493,6 +495,7 @@ def ablation_rows(cfg):
         ("lookahead (future only)", "lookahead", replace(cfg, lookahead_own_entropy=False)),
         ("lookahead (K=4)", "lookahead", replace(cfg, lookahead_k=4)),
         ("boe", "boe", cfg),
+        ("boe (|g| alone)", "boe", replace(cfg, estimator="norm")),
         ("boe (tangent)", "boe", replace(cfg, estimator="tangent")),
         ("boe (tangent, soft)", "boe", replace(cfg, estimator="tangent", reveal="soft")),
         ("boe (whole budget)", "boe", replace(cfg, influential=0)),
@@ -502,7 +505,7 @@ def ablation_rows(cfg):
         ("boe (no penalty)", "boe", replace(cfg, lam=0.0)),
         ("boe (gate, gamma=1)", "boe", replace(cfg, gamma=1.0)),
         ("boe (r=4)", "boe", replace(cfg, candidates=4)),
-        ("boe (dense backward)", "boe", replace(cfg, sparse_backward=False)),
+        ("boe (active-row backward)", "boe", replace(cfg, sparse_backward=True)),
         ("boe (paper)", "boe", boe.PAPER_BOE),
         ("boe (paper, all candidates)", "boe", replace(boe.PAPER_BOE, candidates=0)),
         ("boe (paper, dense backward)", "boe", replace(boe.PAPER_BOE, sparse_backward=False)),
@@ -520,10 +523,12 @@ def ablations(instances):
     gamma = boe.SamplerConfig().entropy_bound
     for label, cfg in (("boe-adaptive", boe.SamplerConfig()),
                        ("boe-adaptive (pick always)", boe.SamplerConfig(adaptive_pick="always")),
+                       ("boe-adaptive (|g| alone)", boe.SamplerConfig(estimator="norm")),
                        ("boe-adaptive (tangent)", boe.SamplerConfig(estimator="tangent")),
-                       ("boe-adaptive (no TIS)", boe.SamplerConfig(use_tis=False))):
+                       ("boe-adaptive (no TIS)", boe.SamplerConfig(use_tis=False)),
+                       ("boe-adaptive (no TIS, always)", boe.SamplerConfig(use_tis=False, adaptive_pick="always"))):
         row = evaluate(model, prompts, label, "", "boe-adaptive", boe.SEQ_LEN - boe.PROMPT_LEN, cfg)
-        print(f"{label + f', gamma {gamma}':<30}{row['accuracy']:>8.3f}  at {row['forwards']:.2f} forwards + "
+        print(f"{label + f', gamma {gamma}':<42}{row['accuracy']:>8.3f}  at {row['forwards']:.2f} forwards + "
               f"{row['backwards']:.2f} backwards")
 
 

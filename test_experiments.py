@@ -133,10 +133,11 @@ def test_frontier_is_every_row_no_cheaper_row_matches_in_accuracy():
         assert experiments.frontier(rows) == expected
 
 
-@pytest.mark.parametrize("successes, n", [(0, 10), (3, 10), (10, 10), (500, 1000), (1, 2)])
+@pytest.mark.parametrize("successes, n", [(0, 10), (3, 10), (10, 10), (500, 1000), (1, 2), (3000, 3000), (0, 3000)])
 def test_wilson_interval_holds_the_proportions_a_binomial_test_does_not_reject(successes, n):
     # The Wilson interval is {p : |successes/n - p| <= 1.96 sqrt(p (1 - p) / n)}: check it on a fine grid.
     low, high = experiments.wilson_interval(successes, n)
+    assert low <= successes / n <= high
     grid = torch.linspace(0, 1, 200001, dtype=torch.float64)
     inside = (successes / n - grid).abs() <= 1.96 * (grid * (1 - grid) / n).sqrt()
     assert low == pytest.approx(grid[inside].min().item(), abs=1e-5)

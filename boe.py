@@ -172,7 +172,7 @@ def render(tokens, chars=TOKEN_CHARS):
 
 @dataclass
 class TrainConfig:
-    steps: int = 10000        # optimizer steps (about 9 minutes on one CPU core): by then the loss is at its
+    steps: int = 10000        # optimizer steps (about 10 minutes on one CPU core): by then the loss is near its
                               # floor, the entropy of the free choice (3000 steps left it 20 % above)
     batch_size: int = 128     # sequences per step
     lr: float = 3e-3          # peak AdamW learning rate (cosine decay to 10 %)

@@ -36,7 +36,7 @@ class Task:
     solutions: Callable            # (prompt [L]) -> every valid answer [S, L]
     chars: str                     # one character per token id, for printing
     steps: tuple                   # fixed-schedule budgets worth comparing (the last: one reveal a step)
-    train_steps: int = boe.TrainConfig.steps  # training length: until the loss stops falling, unless said
+    train_steps: int = boe.TrainConfig.steps  # training steps (where not the default, the task says why)
 
 
 def completable(task, prompts, tokens):

@@ -547,11 +547,11 @@ def commit(logits, temperature, generators):
 #   reveal="soft"    delta_i = e~_i - E[MASK], the expected reveal (the paper)
 #   reveal="onehot"  delta_i = E[argmax p_i] - E[MASK], the reveal the sampler commits [ours]
 #
-# From g to a score (influence_scores): the paper's tangent, its size |g_i|, or |g_i| H_i [ours]. Then the paper's
-# confidence gate and anti-collapse penalty (boe_scores), and a set rule [ours]: a step's reveals are
-# committed together, each from its marginal, and the tokens that most lower everyone else's entropy
-# are the most tied to each other, so two of them revealed together can disagree. BoE picks one reveal
-# by its score and the rest go
+# From g to a score (influence_scores): the paper's tangent, its size |g_i|, or |g_i| H_i [ours], the
+# size weighed by what the reveal tells. Then the paper's confidence gate and anti-collapse penalty
+# (boe_scores), and a set rule [ours]: a step's reveals are committed together, each from its marginal,
+# and the tokens that most lower everyone else's entropy are the most tied to each other, so two of
+# them revealed together can disagree. BoE picks one reveal by its score and the rest go
 #   fixed schedule: to the most confident positions, nearly determined and so safe alongside. A step that
 #       reveals one token takes it by confidence: lowering the entropy left pays only because later
 #       steps commit several tokens at once.

@@ -364,7 +364,9 @@ def stuck_choices(instances, bound=0.1):
         table = model.token_embedding.weight.detach()  # [V, D]
         _, grad = boe.entropy_gradient(model.forward_embeds, model.embed(states), masked, model.mask_id, masked)
         delta = table[logits.argmax(-1)] - table[model.mask_id]  # [N, L, D]
-        scores = (grad.norm(dim=-1), grad.norm(dim=-1) * own, -(grad * delta).sum(-1), own, -own)  # each [N, L]
+        estimates = [boe.influence_scores(grad, delta, own, masked, boe.SamplerConfig(estimator=estimator))
+                     for estimator in ("norm", "norm-entropy", "tangent")]  # each [N, L], BoE's own scores
+        scores = (*estimates, own, -own)  # each [N, L]
         best = exact.argmax(1)  # [N]
         agree = [(score.masked_fill(~masked, -math.inf).argmax(1) == best).float().mean().item() for score in scores]
         print(f"{task.name:<11}{len(states):>8}" + "".join(f"{a:>{w}.0%}" for a, w in zip(agree, (8, 8, 9, 16, 17))))

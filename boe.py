@@ -276,8 +276,6 @@ class SamplerConfig:
     confidence_threshold: float = 0.9  # threshold: tau (Fast-dLLM's default)
     adaptive_pick: str = "stuck"    # boe-adaptive: where BoE picks the step's free token: "stuck" = only at
                                     # steps where the bound admits one token; "always" = at every step
-    lookahead_k: int = 0            # exact lookahead: candidates per step (most confident first); 0 = all
-    lookahead_own_entropy: bool = True  # lookahead cost = own entropy + future entropy; False = future only
     # BoE's knobs (section 4). The defaults were chosen by experiments.py's grid search on tuning
     # instances (seed 0) only; PAPER_BOE below is the paper's configuration.
     linearize: str = "state"        # BoE: where the gradient is taken: "state" = the real state x_t, in
@@ -385,52 +383,6 @@ def score_threshold(s):  # adaptive: (scores, how many); the loop's floor of 1 i
     return confidence, ((confidence >= s.cfg.confidence_threshold) & s.masked).sum(1)
 
 
-def lookahead_costs(s, positions, valid, counted=None):
-    """Exact one-step lookahead for each candidate: commit it (argmax), run a forward, and measure the
-    total entropy left on the other masked positions (or on the `counted` ones, bool [B, L]). One
-    forward per candidate: the O(K) search.
-
-    cost_i = H_i + sum_{j masked, j != i} H(p_j | x_t with i revealed)   (information-gain form)
-    With lookahead_own_entropy=False the H_i term is dropped (the pure-future ablation). Without it a
-    wrong but confident commit looks good: it makes the rest of the sequence consistent with itself."""
-    B, K = positions.shape
-    rows = torch.arange(B, device=positions.device)  # [B]
-    own = entropy(s.probs)  # [B, L]
-    committed = s.probs.argmax(-1)  # [B, L]
-    costs = torch.full((B, K), math.inf, device=positions.device)  # [B, K]
-    for k in range(K):
-        live = valid[:, k]  # [B]
-        if not live.any():
-            continue
-        pos = positions[live, k]  # [b]
-        trial = s.tokens[live].clone()  # [b, L]
-        trial[rows[: len(pos)], pos] = committed[live, pos]
-        with torch.no_grad():
-            _, probs = predict(s.model, trial)  # [b, L, V]
-        still_counted = (s.masked if counted is None else counted)[live].clone()  # [b, L]
-        still_counted[rows[: len(pos)], pos] = False
-        future = (entropy(probs) * still_counted).sum(1)  # [b]
-        costs[live, k] = future + (own[live, pos] if s.cfg.lookahead_own_entropy else 0)
-        s.forwards[live] += 1
-    return costs  # [B, K]
-
-
-def score_lookahead(s):
-    """The K most confident masked positions ranked by their exact lookahead cost, above every other
-    position (those by confidence). A row that reveals all it has left has nothing to search."""
-    confidence = score_confidence(s)  # [B, L]
-    count = s.masked.sum(1) if s.cfg.lookahead_k == 0 else torch.full_like(s.budget, s.cfg.lookahead_k)  # [B]
-    positions, valid = top_masked(confidence, s.masked, torch.maximum(count, s.budget))  # [B, K]
-    valid &= (s.budget < s.masked.sum(1))[:, None]  # [B, K]
-    costs = lookahead_costs(s, positions, valid)  # [B, K]
-    searched = torch.zeros_like(s.masked).scatter(1, positions, valid)  # [B, L]
-    neg_cost = torch.zeros_like(confidence).scatter(1, positions, -costs)  # [B, L]
-    # Every other position below the row's lowest searched score, in confidence order (in [0, 1]).
-    lowest = neg_cost.masked_fill(~searched, math.inf).amin(1, keepdim=True)  # [B, 1]
-    lowest = lowest.masked_fill(~searched.any(1, keepdim=True), 0.0)  # [B, 1] rows with nothing searched
-    return torch.where(searched, neg_cost, lowest - 2 + confidence)  # [B, L]
-
-
 # Order rules that score positions from the step's forward. "boe" and "boe-adaptive" are two more: they
 # run the step's forward themselves (boe_step, section 4).
 ORDER_RULES = {
@@ -439,7 +391,6 @@ ORDER_RULES = {
     "confidence": score_confidence,
     "margin": score_margin,
     "entropy": score_entropy,
-    "lookahead": score_lookahead,
     "entropy-bound": score_entropy_bound,
     "threshold": score_threshold,
 }
@@ -520,8 +471,9 @@ def commit(logits, temperature, generators):
 # The cost the sampler wants to lower is the uncertainty it still has to resolve, summed over the
 # steps that remain, J(x_t) = sum_{s < t} H(x_s), with H(x) = sum_{j masked} H(p_theta(. | x)_j).
 # Its one-step lookahead is H(x_{t-1}), the masked entropy right after this step's reveals. Measuring
-# it exactly for each candidate i costs one forward per candidate (score_lookahead above). BoE instead
-# treats a reveal as a move of one input embedding and expands to first order:
+# it exactly for each candidate i costs one forward per candidate (experiments.lookahead, the yardstick
+# of the README's tables). BoE instead treats a reveal as a move of one input embedding and expands to
+# first order:
 #
 #   reveal i:     e_i = E[MASK]  ->  E[MASK] + delta_i
 #   cost:         H(e) = sum_{j in P} H(p_j(. | e)),   P = the probes (masked positions)
@@ -795,7 +747,8 @@ def check_generate_args(model, prompts, steps, order, cfg):
     if not steps_ok:
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
     if not callable(order) and order not in ORDERS:
-        raise ValueError(f"unknown order rule {order!r}; choose one of {', '.join(ORDERS)}")
+        moved = " (the exact lookahead is experiments.lookahead(), passed as a function)" if order == "lookahead" else ""
+        raise ValueError(f"unknown order rule {order!r}; choose one of {', '.join(ORDERS)}{moved}")
     check_sampler_config(cfg)
 
 
@@ -811,7 +764,6 @@ def check_sampler_config(cfg):
             ("confidence_threshold", 0 < cfg.confidence_threshold <= 1, "in (0, 1]"),
             ("candidates", cfg.candidates >= 0, ">= 0 (0 = every masked position)"),
             ("influential", cfg.influential >= 0, ">= 0 (0 = the whole budget by score)"),
-            ("lookahead_k", cfg.lookahead_k >= 0, ">= 0 (0 = every masked position)"),
             ("rho", 0 < cfg.rho <= 1, "in (0, 1]"), ("tau", cfg.tau > 0, "> 0"),
             ("temperature", cfg.temperature >= 0, ">= 0")):
         if not ok:  # NaN fails every comparison, so it lands here too

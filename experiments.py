@@ -42,6 +42,66 @@ def answer_length(prompts, task):
 
 
 # -----------------------------------------------------------------------------
+# The exact one-step lookahead: what BoE's estimate approximates, measured (boe.py section 4)
+#
+# Not a sampler to run (one forward per candidate a step), but the yardstick the tables and the fidelity
+# study hold BoE against. It is an order rule like boe.py's, passed to boe.generate as a function.
+
+
+def lookahead_costs(s, positions, valid, counted=None, own_entropy=True):
+    """Exact one-step lookahead at a boe.Step for each candidate (positions, valid [B, K]): commit it
+    (argmax), run a forward, and measure the total entropy left on the other masked positions (or on the
+    `counted` ones, bool [B, L]). One forward per candidate, charged to s.forwards: the O(K) search.
+
+    cost_i = H_i + sum_{j masked, j != i} H(p_j | x_t with i revealed)   (information-gain form)
+    own_entropy=False drops the H_i term (the pure-future ablation). Without it a wrong but confident
+    commit looks good: it makes the rest of the sequence consistent with itself."""
+    B, K = positions.shape
+    rows = torch.arange(B, device=positions.device)  # [B]
+    own = boe.entropy(s.probs)  # [B, L]
+    committed = s.probs.argmax(-1)  # [B, L]
+    costs = torch.full((B, K), math.inf, device=positions.device)  # [B, K]
+    for k in range(K):
+        live = valid[:, k]  # [B]
+        if not live.any():
+            continue
+        pos = positions[live, k]  # [b]
+        trial = s.tokens[live].clone()  # [b, L]
+        trial[rows[: len(pos)], pos] = committed[live, pos]
+        with torch.no_grad():
+            _, probs = boe.predict(s.model, trial)  # [b, L, V]
+        still_counted = (s.masked if counted is None else counted)[live].clone()  # [b, L]
+        still_counted[rows[: len(pos)], pos] = False
+        future = (boe.entropy(probs) * still_counted).sum(1)  # [b]
+        costs[live, k] = future + (own[live, pos] if own_entropy else 0)
+        s.forwards[live] += 1
+    return costs  # [B, K]
+
+
+def lookahead(k=0, own_entropy=True):
+    """The exact lookahead as an order rule: the k most confident masked positions (0 = all, at least
+    the budget) ranked by lookahead_costs, above every other position (those by confidence). A row that
+    reveals all it has left has nothing to search."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"lookahead k must be an int >= 0 (0 = every masked position); got {k!r}")
+
+    def score_lookahead(s):
+        confidence = s.probs.max(-1).values  # [B, L]
+        count = s.masked.sum(1) if k == 0 else torch.full_like(s.budget, k)  # [B]
+        positions, valid = boe.top_masked(confidence, s.masked, torch.maximum(count, s.budget))  # [B, K]
+        valid &= (s.budget < s.masked.sum(1))[:, None]  # [B, K]
+        costs = lookahead_costs(s, positions, valid, own_entropy=own_entropy)  # [B, K]
+        searched = torch.zeros_like(s.masked).scatter(1, positions, valid)  # [B, L]
+        neg_cost = torch.zeros_like(confidence).scatter(1, positions, -costs)  # [B, L]
+        # Every other position below the row's lowest searched score, in confidence order (in [0, 1]).
+        lowest = neg_cost.masked_fill(~searched, math.inf).amin(1, keepdim=True)  # [B, 1]
+        lowest = lowest.masked_fill(~searched.any(1, keepdim=True), 0.0)  # [B, 1] rows with nothing searched
+        return torch.where(searched, neg_cost, lowest - 2 + confidence)  # [B, L]
+
+    return score_lookahead
+
+
+# -----------------------------------------------------------------------------
 # The built-in task's table (python boe.py), and how every table counts compute
 #
 # Compute is counted per instance in forward-equivalents: forwards + BACKWARD_COST x backwards. A BoE
@@ -52,7 +112,8 @@ def answer_length(prompts, task):
 # on every machine; the forwards and backwards are printed, for any other price.
 BACKWARD_COST = 2.0
 
-FIXED_ORDERS = ("random", "left-to-right", "confidence", "margin", "entropy", "lookahead", "boe")
+FIXED_RULES = {name: name for name in ("random", "left-to-right", "confidence", "margin", "entropy")} | {
+    "lookahead": lookahead(), "boe": "boe"}  # label -> order for boe.generate
 ENTROPY_BOUNDS = (0.01, 0.1, 0.3, 1.0)  # gamma, nats: the EB-sampler's usual range and above
 THRESHOLDS = (0.99, 0.9, 0.7)            # tau: around Fast-dLLM's 0.9
 
@@ -80,7 +141,8 @@ def rule_rows(steps_list, max_steps, paper=False):
     """(label, setting, order, steps, cfg) for every rule: the fixed-schedule rules at each budget, and
     the adaptive ones swept over their knob with `max_steps` as a cap that never binds."""
     default = boe.PAPER_BOE if paper else boe.SamplerConfig()
-    rows = [(order, f"{steps} steps", order, steps, default) for steps in steps_list for order in FIXED_ORDERS]
+    rows = [(label, f"{steps} steps", order, steps, default) for steps in steps_list
+            for label, order in FIXED_RULES.items()]
     rows += [] if paper else [("boe (paper)", f"{steps} steps", "boe", steps, boe.PAPER_BOE) for steps in steps_list]
     for order, knob, values in (("entropy-bound", "entropy_bound", ENTROPY_BOUNDS),
                                 ("threshold", "confidence_threshold", THRESHOLDS),
@@ -439,13 +501,11 @@ def tis_fidelity(model, prompts, steps_list, cfg):
         reveal_embeds = boe.reveal_embeddings(logits, table, cfg).to(table.dtype)  # [B, L, D]
         state = model.embed(s.tokens)  # [B, L, D]
         point = state if at_state else torch.where(candidates[..., None], reveal_embeds, state)  # [B, L, D]
-        future_only = replace(s, cfg=replace(cfg, lookahead_own_entropy=False))
-        information_gain = replace(s, cfg=replace(cfg, lookahead_own_entropy=True))
         scores = dict(  # name -> [B, K], larger = better candidate
             estimate=influence.gather(1, positions),
             target=reveal_drops(model, point, reveal_embeds, positions, valid, probes),
-            hard=-boe.lookahead_costs(future_only, positions, valid, probes),
-            lookahead=-boe.lookahead_costs(information_gain, positions, valid))
+            hard=-lookahead_costs(s, positions, valid, probes, own_entropy=False),
+            lookahead=-lookahead_costs(s, positions, valid))
         scores["alone"] = (scores["target"] if at_state
                            else reveal_drops(model, state, reveal_embeds, positions, valid, probes))
         for row in torch.nonzero(valid.sum(1) >= 3).flatten().tolist():
@@ -494,8 +554,8 @@ def fidelity(instances):
 def ablation_rows(cfg):
     """(label, order, config) rows that take BoE and the lookahead apart."""
     return [
-        ("lookahead (future only)", "lookahead", replace(cfg, lookahead_own_entropy=False)),
-        ("lookahead (K=4)", "lookahead", replace(cfg, lookahead_k=4)),
+        ("lookahead (future only)", lookahead(own_entropy=False), cfg),
+        ("lookahead (K=4)", lookahead(k=4), cfg),
         ("boe", "boe", cfg),
         ("boe (|g| alone)", "boe", replace(cfg, estimator="norm")),
         ("boe (tangent)", "boe", replace(cfg, estimator="tangent")),
@@ -542,9 +602,10 @@ def show(task_name, instance, steps):
     prompt = prompts[instance:]  # [1, L]
     cap = answer_length(prompt, task)
     print(f"{task_name} instance {instance} of seed 1 ('_' = [MASK]); fixed-schedule rules at {steps} steps")
-    for label, order, n_steps, cfg in [(order, order, steps, boe.SamplerConfig()) for order in FIXED_ORDERS] + [
-            ("boe (paper)", "boe", steps, boe.PAPER_BOE), ("entropy-bound", "entropy-bound", cap, boe.SamplerConfig()),
-            ("threshold", "threshold", cap, boe.SamplerConfig()), ("boe-adaptive", "boe-adaptive", cap, boe.SamplerConfig())]:
+    default = boe.SamplerConfig()
+    for label, order, n_steps, cfg in [(label, order, steps, default) for label, order in FIXED_RULES.items()] + [
+            ("boe (paper)", "boe", steps, boe.PAPER_BOE), ("entropy-bound", "entropy-bound", cap, default),
+            ("threshold", "threshold", cap, default), ("boe-adaptive", "boe-adaptive", cap, default)]:
         tokens, record = boe.generate(model, prompt, n_steps, order, cfg)
         last = int(record["reveal_step"][0].max())
         print(f"\n{label}: {'solved' if task.check(prompt, tokens)[0] else 'NOT solved'}, "

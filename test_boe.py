@@ -243,9 +243,11 @@ ADAPTIVE_CONFIGS = {
     "boe-adaptive-paper": ("boe-adaptive", dataclasses.replace(boe.PAPER_BOE, candidates=2)),
     "boe-adaptive-no-tis": ("boe-adaptive", boe.SamplerConfig(use_tis=False)),
 }
+# A rule passed as a function, one that runs passes of its own: experiments.py's exact lookahead.
+LOOKAHEADS = {"lookahead": experiments.lookahead(), "lookahead-k50": experiments.lookahead(k=50)}
 RULES = ([(order, boe.SamplerConfig()) for order in ALL_ORDERS] + [("boe", cfg) for cfg in BOE_CONFIGS.values()]
-         + [("lookahead", boe.SamplerConfig(lookahead_k=50))] + list(ADAPTIVE_CONFIGS.values()))
-RULE_IDS = ALL_ORDERS + list(BOE_CONFIGS) + ["lookahead-k50"] + list(ADAPTIVE_CONFIGS)
+         + [(rule, boe.SamplerConfig()) for rule in LOOKAHEADS.values()] + list(ADAPTIVE_CONFIGS.values()))
+RULE_IDS = ALL_ORDERS + list(BOE_CONFIGS) + list(LOOKAHEADS) + list(ADAPTIVE_CONFIGS)
 def partly_masked_prompts(n=6, seed=3):
     """Task prompts with a random part of the answer given, so rows have different masked counts."""
     gen = torch.Generator().manual_seed(seed)
@@ -294,19 +296,6 @@ def test_batch_equals_rows_alone_and_seed_repeats(order, cfg, temperature):
             assert alone_record[count][0] == record[count][row], f"row {row} is charged differently alone"
 
 
-def test_lookahead_candidates_rank_above_every_other_position_however_large_their_costs(monkeypatch):
-    # The searched candidates must rank above the rest whatever their costs: a fixed offset fails once
-    # costs reach it. Costs far beyond any entropy sum are made up here.
-    monkeypatch.setattr(boe, "lookahead_costs", lambda s, positions, valid, counted=None:
-                        torch.tensor([[3e4, 5e4]]).expand(positions.shape).where(valid, math.inf))
-    probs = torch.tensor([[0.1, 0.2, 0.3, 0.9, 0.5]])[..., None].expand(1, 5, 2).clone()  # [1, 5, 2]
-    probs[..., 1] = 1 - probs[..., 0]  # confidence max(p, 1 - p): 0.9, 0.8, 0.7, 0.9, 0.5
-    s = boe.Step(None, torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.bool), probs,
-                 torch.tensor([1]), 1.0, boe.SamplerConfig(lookahead_k=2), [], torch.zeros(1, dtype=torch.long))
-    ranked = boe.score_lookahead(s).argsort(1, descending=True)[0].tolist()  # [5]
-    assert ranked == [0, 3, 1, 2, 4]  # the two most confident by cost (lower first), then the rest by confidence
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("order, cfg", RULES, ids=RULE_IDS)
 def test_generate_on_gpu_matches_cpu(order, cfg):
@@ -343,10 +332,10 @@ def test_forward_and_backward_counts_are_as_documented():
     # With r = 8, step 2 (6 masked) has every masked position as a candidate: no probes, no surrogate.
     _, wide = boe.generate(model, prompts, steps, "boe", boe.PAPER_BOE)
     assert wide["forwards"].tolist() == [steps + 1] * 4 and wide["backwards"].tolist() == [1] * 4
-    _, look = boe.generate(model, prompts, steps, "lookahead")
+    _, look = boe.generate(model, prompts, steps, experiments.lookahead())
     # Lookahead over every masked position: 9 then 6 candidate forwards.
     assert look["forwards"].tolist() == [steps + 9 + 6] * 4
-    _, look_k = boe.generate(model, prompts, steps, "lookahead", boe.SamplerConfig(lookahead_k=4))
+    _, look_k = boe.generate(model, prompts, steps, experiments.lookahead(k=4))
     assert look_k["forwards"].tolist() == [steps + 4 + 4] * 4
     # Adaptive BoE with an unbounded entropy bound reveals everything at once: one forward, no backward.
     _, all_at_once = boe.generate(model, prompts, 9, "boe-adaptive", boe.SamplerConfig(entropy_bound=math.inf))
@@ -357,7 +346,7 @@ def test_forward_and_backward_counts_are_as_documented():
     assert one_a_step["forwards"].tolist() == [9] * 4 and one_a_step["backwards"].tolist() == [8] * 4
 
 
-@pytest.mark.parametrize("order, cfg", [("confidence", boe.SamplerConfig()), ("lookahead", boe.SamplerConfig()),
+@pytest.mark.parametrize("order, cfg", [("confidence", boe.SamplerConfig()), (LOOKAHEADS["lookahead"], boe.SamplerConfig()),
                                         ("boe", boe.SamplerConfig())] + [("boe", cfg) for cfg in BOE_CONFIGS.values()]
                          + list(ADAPTIVE_CONFIGS.values()),
                          ids=["confidence", "lookahead", "boe"] + list(BOE_CONFIGS) + list(ADAPTIVE_CONFIGS))
@@ -465,40 +454,6 @@ def test_prompt_without_masks_is_returned_unchanged():
     for order in ALL_ORDERS:
         tokens, record = boe.generate(model, answers, 4, order)
         assert torch.equal(tokens, answers) and record["forwards"].sum() == 0
-
-
-def test_lookahead_reveals_the_pivot_first_under_the_true_conditionals():
-    """On the task the pivot settles every mark: an exact lookahead with exact probabilities must
-    reveal it in the first step, and confidence, which reveals it last, fails with two steps. A hand-made
-    predictor with the task's true conditionals stands in for a trained model."""
-
-    class TrueConditionals(torch.nn.Module):
-        mask_id = boe.MASK
-        cfg = boe.ModelConfig()
-
-        def forward(self, tokens):
-            B, L = tokens.shape
-            logits = torch.full((B, L, boe.MASK + 1), -1e9)  # [B, L, V]
-            for b in range(B):
-                cells, marks, pivot = tokens[b, :8], tokens[b, 9:17], tokens[b, 17]
-                if pivot != boe.MASK:  # the marked cell is known
-                    options = [int(pivot)]
-                elif (marks == boe.MARKED).any():
-                    options = [int((marks == boe.MARKED).nonzero()[0])]
-                else:  # any open cell whose mark is still masked, equally likely
-                    options = [i for i in range(8) if cells[i] == boe.OPEN and marks[i] == boe.MASK]
-                for j in range(8):
-                    p_marked = options.count(j) / len(options)
-                    logits[b, 9 + j, boe.UNMARKED] = math.log(max(1 - p_marked, 1e-30))
-                    logits[b, 9 + j, boe.MARKED] = math.log(max(p_marked, 1e-30))
-                logits[b, 17, options] = 0.0
-            return logits
-
-    prompts, _ = boe.make_instances(3, 0)
-    tokens, record = boe.generate(TrueConditionals(), prompts, 3, "lookahead")
-    assert (record["reveal_step"][:, 17] == 0).all(), "the pivot should be revealed first"
-    tokens, _ = boe.generate(TrueConditionals(), prompts, 2, "confidence")
-    assert not boe.check(tokens).any(), "confidence commits the last bits and the pivot together"
 
 
 # -----------------------------------------------------------------------------
@@ -610,10 +565,10 @@ def test_adaptive_boe_equals_a_reference_that_always_runs_the_backward(pick):
     (dict(cfg=None), TypeError, "cfg must be a SamplerConfig"),
     (dict(cfg=boe.SamplerConfig(temperature=-1.0)), ValueError, "temperature must be >= 0"),
     (dict(order="best"), ValueError, "unknown order rule 'best'"),
+    (dict(order="lookahead"), ValueError, r"experiments.lookahead\(\)"),
     (dict(cfg=boe.SamplerConfig(candidates=-1)), ValueError, "candidates must be"),
     (dict(cfg=dataclasses.replace(boe.PAPER_BOE, rho=0.0)), ValueError, "rho must"),
     (dict(cfg=dataclasses.replace(boe.PAPER_BOE, rho=1.5)), ValueError, "rho must"),
-    (dict(cfg=boe.SamplerConfig(lookahead_k=-1)), ValueError, "lookahead_k"),
     (dict(cfg=boe.SamplerConfig(tau=0.0)), ValueError, "tau must be > 0"),
     (dict(cfg=boe.SamplerConfig(rho=0.5)), ValueError, "rho < 1 caps the surrogate"),
     (dict(cfg=boe.SamplerConfig(linearize="midpoint")), ValueError, "linearize must be one of"),
@@ -661,7 +616,7 @@ def test_main_job_prints_every_rule_and_writes_json(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
-    assert {row["rule"] for row in rows} == set(boe.ORDERS) | {"boe (paper)"}
+    assert {row["rule"] for row in rows} == set(boe.ORDERS) | {"lookahead", "boe (paper)"}
     assert {row["setting"] for row in rows if row["rule"] == "entropy-bound"} == {f"gamma {g}" for g in experiments.ENTROPY_BOUNDS}
     assert all(set(row) == {"rule", "setting", "steps", "accuracy", "ci95", "forwards", "backwards", "fwd_equiv",
                             "wall_s"} for row in rows)

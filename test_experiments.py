@@ -2,6 +2,7 @@
 the tuning / evaluation / training split, the tables' frontier and intervals against their definitions,
 and every measurement command end to end on the shipped models."""
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -144,11 +145,64 @@ def test_wilson_interval_holds_the_proportions_a_binomial_test_does_not_reject(s
     assert high == pytest.approx(grid[inside].max().item(), abs=1e-5)
 
 
+def test_lookahead_candidates_rank_above_every_other_position_however_large_their_costs(monkeypatch):
+    # The searched candidates must rank above the rest whatever their costs: a fixed offset fails once
+    # costs reach it. Costs far beyond any entropy sum are made up here.
+    monkeypatch.setattr(experiments, "lookahead_costs", lambda s, positions, valid, counted=None, own_entropy=True:
+                        torch.tensor([[3e4, 5e4]]).expand(positions.shape).where(valid, math.inf))
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.9, 0.5]])[..., None].expand(1, 5, 2).clone()  # [1, 5, 2]
+    probs[..., 1] = 1 - probs[..., 0]  # confidence max(p, 1 - p): 0.9, 0.8, 0.7, 0.9, 0.5
+    s = boe.Step(None, torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.bool), probs,
+                 torch.tensor([1]), 1.0, boe.SamplerConfig(), [], torch.zeros(1, dtype=torch.long))
+    ranked = experiments.lookahead(k=2)(s).argsort(1, descending=True)[0].tolist()  # [5]
+    assert ranked == [0, 3, 1, 2, 4]  # the two most confident by cost (lower first), then the rest by confidence
+
+
+def test_lookahead_reveals_the_pivot_first_under_the_true_conditionals():
+    """On the task the pivot settles every mark: an exact lookahead with exact probabilities must
+    reveal it in the first step, and confidence, which reveals it last, fails with two steps. A hand-made
+    predictor with the task's true conditionals stands in for a trained model."""
+
+    class TrueConditionals(torch.nn.Module):
+        mask_id = boe.MASK
+        cfg = boe.ModelConfig()
+
+        def forward(self, tokens):
+            B, L = tokens.shape
+            logits = torch.full((B, L, boe.MASK + 1), -1e9)  # [B, L, V]
+            for b in range(B):
+                cells, marks, pivot = tokens[b, :8], tokens[b, 9:17], tokens[b, 17]
+                if pivot != boe.MASK:  # the marked cell is known
+                    options = [int(pivot)]
+                elif (marks == boe.MARKED).any():
+                    options = [int((marks == boe.MARKED).nonzero()[0])]
+                else:  # any open cell whose mark is still masked, equally likely
+                    options = [i for i in range(8) if cells[i] == boe.OPEN and marks[i] == boe.MASK]
+                for j in range(8):
+                    p_marked = options.count(j) / len(options)
+                    logits[b, 9 + j, boe.UNMARKED] = math.log(max(1 - p_marked, 1e-30))
+                    logits[b, 9 + j, boe.MARKED] = math.log(max(p_marked, 1e-30))
+                logits[b, 17, options] = 0.0
+            return logits
+
+    prompts, _ = boe.make_instances(3, 0)
+    tokens, record = boe.generate(TrueConditionals(), prompts, 3, experiments.lookahead())
+    assert (record["reveal_step"][:, 17] == 0).all(), "the pivot should be revealed first"
+    tokens, _ = boe.generate(TrueConditionals(), prompts, 2, "confidence")
+    assert not boe.check(tokens).any(), "confidence commits the last bits and the pivot together"
+
+
+@pytest.mark.parametrize("k", [-1, 2.0, True])
+def test_lookahead_with_a_bad_k_gets_a_clear_error(k):
+    with pytest.raises(ValueError, match="lookahead k must be"):
+        experiments.lookahead(k=k)
+
+
 def test_suite_quick_runs_every_rule_on_every_task():
     out = run("suite", "--quick")
     for name in tasks.TASKS:
         assert f"\n{name} (" in out
-    for rule in boe.ORDERS:
+    for rule in (*boe.ORDERS, "lookahead"):
         assert f"\n{rule} " in out
 
 

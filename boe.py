@@ -468,60 +468,50 @@ def commit(logits, temperature, generators):
 # -----------------------------------------------------------------------------
 # 4. Backward-on-Entropy: the Token Influence Score
 #
-# The cost the sampler wants to lower is the uncertainty it still has to resolve, summed over the
-# steps that remain, J(x_t) = sum_{s < t} H(x_s), with H(x) = sum_{j masked} H(p_theta(. | x)_j).
-# Its one-step lookahead is H(x_{t-1}), the masked entropy right after this step's reveals. Measuring
-# it exactly for each candidate i costs one forward per candidate (experiments.lookahead, the yardstick
-# of the README's tables). BoE instead treats a reveal as a move of one input embedding and expands to
-# first order:
+# The cost to lower is the uncertainty still to resolve, J(x_t) = sum_{s < t} H(x_s), with
+# H(x) = sum_{j masked} H(p_theta(. | x)_j). Its one-step lookahead is H(x_{t-1}), the masked entropy
+# right after this step's reveals; measured exactly it costs one forward per candidate
+# (experiments.lookahead, the yardstick of the README's tables). BoE treats a reveal as a move of one
+# input embedding and expands to first order:
 #
 #   reveal i:     e_i = E[MASK]  ->  E[MASK] + delta_i
 #   cost:         H(e) = sum_{j in P} H(p_j(. | e)),   P = the probes (masked positions)
 #   first order:  H(.. e_i + delta_i ..) - H(e*)  ~  <g_i, delta_i>,   g = dH/de at a point e*
 #   TIS_i = -<g_i, delta_i>                       (higher = a larger predicted drop of the entropy left)
 #
-# g is one gradient of one scalar with respect to the whole input, so one backward gives the TIS of
-# every position at once. What remains to choose is where to take it (e*) and which way a reveal
-# points (delta):
+# g is the gradient of one scalar, so one backward gives the TIS of every position at once. The choices
+# are where to take it (e*) and which way a reveal points (delta):
+#   linearize="surrogate"  (the paper) every candidate at its soft embedding at once, e~_i = sum_v w_i(v)
+#       E[v], w_i ~ p_i ** (1 / tau); the probes are the other masked positions. Cost: the step's
+#       forward, a second forward at e*, one backward.
+#   linearize="state"  [ours] e* = embed(x_t), the real state, every masked position a probe: TIS_i
+#       expands the drop of revealing i alone, the drop the exact lookahead measures. e* is the input of
+#       the step's own forward, which runs with gradient tracking; one backward follows, no second
+#       forward. (Softening every candidate together lets each soft reveal already say what another's
+#       would: the README measures Spearman -0.37 against the same soft reveal made alone.)
+#   reveal="soft"  delta_i = e~_i - E[MASK] (the paper); "onehot" E[argmax p_i] - E[MASK], the reveal
+#       the sampler commits [ours].
 #
-#   linearize="surrogate"  (the paper) e* puts every candidate at its soft embedding at once,
-#       e~_i = sum_v w_i(v) E[v], w_i ~ p_i ** (1 / tau); the probes are the masked positions that are
-#       not candidates, and delta_i = e~_i - E[MASK]. Cost: the step's forward, a second forward at e*,
-#       one backward.
-#   linearize="state"  [ours] e* = embed(x_t), the real state, every masked position at E[MASK] and a
-#       probe. TIS_i then expands the drop of revealing i alone, the drop the exact lookahead measures.
-#       e* is the input of the step's own forward, so that forward runs with gradient tracking and one
-#       backward follows: no second forward.
-#
-# Why the state: softening every candidate together lets each soft reveal already say what another's
-# would (README: the surrogate's drop ranks against the same soft reveal made alone at Spearman -0.37).
-#
-#   reveal="soft"    delta_i = e~_i - E[MASK], the expected reveal (the paper)
-#   reveal="onehot"  delta_i = E[argmax p_i] - E[MASK], the reveal the sampler commits [ours]
-#
-# From g to a score (influence_scores): the paper's tangent, its size |g_i|, or |g_i| H_i [ours], the
-# size weighed by what the reveal tells. Then the paper's confidence gate and anti-collapse penalty
-# (boe_scores), and a set rule [ours]: a step's reveals are committed together, each from its marginal,
-# and the tokens that most lower everyone else's entropy are the most tied to each other, so two of
-# them revealed together can disagree. BoE picks one reveal by its score and the rest go
-#   fixed schedule: to the most confident positions, nearly determined and so safe alongside. A step that
-#       reveals one token takes it by confidence: lowering the entropy left pays only because later
-#       steps commit several tokens at once.
+# From g to a score: the paper's tangent, the size |g_i|, or |g_i| H_i [ours] (influence_scores); then
+# the paper's confidence gate and anti-collapse penalty (boe_scores). Then a set rule [ours]: a step's
+# reveals are committed together, each from its marginal, and the tokens that most lower everyone
+# else's entropy are the most tied to each other, so two of them revealed together can disagree. BoE
+# picks one reveal by its score, and the rest go
+#   fixed schedule: to the most confident positions, nearly determined and so safe alongside. A step
+#       that reveals one token takes it by confidence: lowering the entropy left pays only because
+#       later steps commit several tokens at once.
 #   adaptive ("boe-adaptive"): to the entropy bound, which decides how many; BoE picks only where the
 #       bound admits one token because nothing is near-certain, as a constraint solver branches only
 #       when propagation stalls. Revealing near-certain tokens first costs at most gamma and may settle
-#       the uncertain ones where their uncertainty is the model's own, so an earlier pick would be a
-#       guess that waiting avoids. When nothing is near-certain one uncertain token must be revealed
-#       anyway (the bound's free token); the one whose reveal most lowers the entropy left should let
-#       the next steps reveal the most. It needs no further test: a token revealed alone makes no
-#       dependence error. Every other step is the entropy bound's, free token included.
-# The backward runs only where the pick can change the step (the step's forward tells); elsewhere the
-# forward's graph is dropped and nothing is charged. With sparse_backward (the paper's) it runs with
-# `active` rows (ActiveQueryAttention, attn_kernel.py): attention passes gradient only through the
-# outputs of the probes and candidates (at the state, the masked positions, known before the forward);
-# the dropped paths through the other rows are exact in the last layer and an approximation below, the
-# price of an O(|A| L d) backward. At the suite's lengths (L <= 18) that saves nothing and costs picks,
-# so the default backward is the exact one.
+#       the uncertain ones where their uncertainty is the model's own; an earlier pick would be a guess
+#       that waiting avoids. When nothing is near-certain one uncertain token must be revealed anyway
+#       (the bound's free token), and the one whose reveal most lowers the entropy left should let the
+#       next steps reveal the most. Alone, it makes no dependence error, so it needs no further test.
+# The backward runs only where a pick can change the step (the step's forward tells); elsewhere the
+# graph is dropped and nothing is charged. With sparse_backward (the paper's) attention passes gradient
+# only through the outputs of the active rows, the probes and candidates (ActiveQueryAttention,
+# attn_kernel.py): exact in the last layer, an approximation below, the price of an O(|A| L d) backward.
+# At the suite's lengths (L <= 18) that saves nothing and costs picks, so the default is the exact one.
 
 
 def call_logits_fn(logits_fn, embeds, active=None, vocab=None):

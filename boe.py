@@ -282,8 +282,9 @@ class SamplerConfig:
                                     # the step's own forward; "surrogate" = every candidate soft (paper)
     reveal: str = "onehot"          # BoE: a reveal's direction: "onehot" = E[argmax p] - E[MASK];
                                     # "soft" = sum_v w(v) E[v] - E[MASK], w ~ p ** (1 / tau) (paper)
-    estimator: str = "norm-entropy"  # BoE: influence from the gradient g: "tangent" = -<g_i, delta_i>
-                                    # (paper); "norm" = |g_i|; "norm-entropy" = |g_i| H_i (both ignore `reveal`)
+    estimator: str = "norm-surprisal"  # BoE: influence from the gradient g: "tangent" = -<g_i, delta_i>
+                                    # (paper); "norm" = |g_i|; "norm-surprisal" = |g_i| (-log c_i);
+                                    # "norm-entropy" = |g_i| H_i (the last three ignore `reveal`)
     candidates: int = 0             # BoE: r, candidates per step (most confident first; at least the
                                     # budget); 0 = every masked position
     influential: int = 1            # BoE: reveals per step chosen by score, the rest of the budget by
@@ -295,15 +296,14 @@ class SamplerConfig:
     rho: float = 1.0                # BoE at the surrogate: probes capped to the ceil(rho * L) of highest
                                     # entropy; active rows are the candidates plus these probes
     use_tis: bool = True            # BoE ablation: False scores by gate and penalty alone
-    sparse_backward: bool = False   # BoE: True runs the backward through the active rows only (attn_kernel.py):
-                                    # O(|A| L d) instead of O(L^2 d), for long sequences; an approximation below
-                                    # the last layer, which cost accuracy on the suite's short ones (README)
+    sparse_backward: bool = True    # BoE: the backward through the active rows only (attn_kernel.py): O(|A| L d)
+                                    # instead of O(L^2 d); an approximation below the last layer (README).
+                                    # False: the exact backward, for a logits_fn without an `active` keyword
 
 
 # The paper's configuration: the gradient at the all-soft surrogate state, the 8 most confident
 # positions as candidates, the whole budget ranked by score, the backward through the active rows.
-PAPER_BOE = SamplerConfig(linearize="surrogate", reveal="soft", estimator="tangent", candidates=8, influential=0,
-                          sparse_backward=True)
+PAPER_BOE = SamplerConfig(linearize="surrogate", reveal="soft", estimator="tangent", candidates=8, influential=0)
 
 
 @dataclass
@@ -492,11 +492,11 @@ def commit(logits, temperature, generators):
 #   reveal="soft"  delta_i = e~_i - E[MASK] (the paper); "onehot" E[argmax p_i] - E[MASK], the reveal
 #       the sampler commits [ours].
 #
-# From g to a score: the paper's tangent, the size |g_i|, or |g_i| H_i [ours] (influence_scores); then
-# the paper's confidence gate and anti-collapse penalty (boe_scores). Then a set rule [ours]: a step's
-# reveals are committed together, each from its marginal, and the tokens that most lower everyone
-# else's entropy are the most tied to each other, so two of them revealed together can disagree. BoE
-# picks one reveal by its score, and the rest go
+# From g to a score: the paper's tangent, or the size |g_i| weighed by what the committed token tells,
+# -log c_i [ours] (influence_scores); then the paper's confidence gate and anti-collapse penalty
+# (boe_scores). Then a set rule [ours]: a step's reveals are committed together, each from its
+# marginal, and the tokens that most lower everyone else's entropy are the most tied to each other, so
+# two of them revealed together can disagree. BoE picks one reveal by its score, and the rest go
 #   fixed schedule: to the most confident positions, nearly determined and so safe alongside. A step
 #       that reveals one token takes it by confidence: lowering the entropy left pays only because
 #       later steps commit several tokens at once.
@@ -511,7 +511,7 @@ def commit(logits, temperature, generators):
 # graph is dropped and nothing is charged. With sparse_backward (the paper's) attention passes gradient
 # only through the outputs of the active rows, the probes and candidates (ActiveQueryAttention,
 # attn_kernel.py): exact in the last layer, an approximation below, the price of an O(|A| L d) backward.
-# At the suite's lengths (L <= 18) that saves nothing and costs picks, so the default is the exact one.
+# With the default estimator it picks as well as the exact backward on the suite (README's grid search).
 
 
 def call_logits_fn(logits_fn, embeds, active=None, vocab=None):
@@ -559,23 +559,30 @@ def entropy_gradient(logits_fn, embeds, probes, mask_id=None, active=None):
         return logits.detach(), probe_entropy_gradient(logits, embeds, probes, mask_id)
 
 
-def influence_scores(grad, delta, own_entropy, candidates, cfg):
+def influence_scores(grad, delta, probs, candidates, cfg):
     """Each candidate's predicted influence [B, L] (0 elsewhere) from g = dH/de [B, L, D], the reveal's
-    delta [B, L, D] and the candidate's own entropy H_i [B, L]:
-      "tangent"       TIS_i = -<g_i, delta_i>: the first-order drop of the entropy left (the paper)
-      "norm"          |g_i|, how strongly the entropy left depends on anything at i [ours]. A reveal moves
-                      e_i far, along a strongly curved path on which the tangent's sign and size are
-                      often wrong; on average revealing a token can only lower the others' entropy
-                      (conditioning does not raise entropy in expectation), so the size is kept.
-      "norm-entropy"  |g_i| H_i [ours]. A reveal tells the rest at most what it did not know about x_i:
-                      in expectation it lowers their joint entropy by I(x_i; rest) <= H_i. The gradient
-                      at E[MASK] cannot see this: it treats revealing a near-certain token, which tells
-                      nothing, as the same long move of e_i as revealing an open choice. So the
-                      sensitivity is weighed by the information the reveal carries."""
+    delta [B, L, D] and the step's predictions p [B, L, V]:
+      "tangent"         TIS_i = -<g_i, delta_i>: the first-order drop of the entropy left (the paper)
+      "norm"            |g_i|, how strongly the entropy left depends on anything at i [ours]. A reveal
+                        moves e_i far, along a strongly curved path on which the tangent's sign and size
+                        are often wrong; on average revealing a token can only lower the others' entropy
+                        (conditioning does not raise entropy in expectation), so the size is kept.
+      "norm-surprisal"  |g_i| (-log c_i), c_i = max_v p_i(v) [ours]. The gradient at E[MASK] cannot tell
+                        what a reveal says: it treats committing a near-certain token, which says nothing,
+                        as the same long move of e_i as committing an open choice. What the committed
+                        token v* = argmax p_i tells the rest is its surprisal -log p_i(v*), exactly so where
+                        x_i is a function of the rest and the rest is uniform (a mark given the pivot); so
+                        the sensitivity is weighed by it. An open cell's mark committed as '-' at p = 3/4
+                        rules out one cell of four: 0.29 nats, though its entropy is 0.56.
+      "norm-entropy"    |g_i| H_i [ours]: the same weight in expectation over v (-log c_i <= H_i), the one
+                        for a sampled commit; in expectation a reveal lowers the rest's joint entropy by
+                        I(x_i; rest) <= H_i."""
     if cfg.estimator == "tangent":
         return -(grad * delta.to(grad.dtype)).sum(-1) * candidates  # [B, L]
     size = grad.norm(dim=-1) * candidates  # [B, L]
-    return size * own_entropy if cfg.estimator == "norm-entropy" else size  # [B, L]
+    if cfg.estimator == "norm-surprisal":
+        return size * -probs.amax(-1).log()  # [B, L]; c_i >= 1 / V, so the log is finite
+    return size * entropy(probs) if cfg.estimator == "norm-entropy" else size  # [B, L]
 
 
 def boe_step(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, progress=1.0, revealable=None,
@@ -661,14 +668,14 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
     delta = (reveal_embeds - embedding.detach()[mask_id].to(reveal_embeds.dtype)) * candidates[..., None]  # [B, L, D]
     if cfg.linearize == "state":  # one backward through the step's own forward
         grad = probe_entropy_gradient(raw_logits, embeds, masked & charged[:, None], mask_id)  # [B, L, D]
-        return logits, budget, candidates, picks, influence_scores(grad, delta, own_entropy, candidates, cfg), charged
+        return logits, budget, candidates, picks, influence_scores(grad, delta, probs, candidates, cfg), charged
     probes = surrogate_probes(logits, masked, candidates, cfg)  # [B, L]
     charged &= probes.any(1)  # [B] a row without probes has nothing to differentiate
     if charged.any():
         surrogate = torch.where(candidates[..., None], reveal_embeds.to(embeds.dtype), embeds)  # [B, L, D]
         active = (candidates | probes) if cfg.sparse_backward else None  # [B, L]
         _, grad = entropy_gradient(logits_fn, surrogate, probes & charged[:, None], mask_id, active)  # [B, L, D]
-        influence = influence_scores(grad, delta, own_entropy, candidates, cfg)  # [B, L]
+        influence = influence_scores(grad, delta, probs, candidates, cfg)  # [B, L]
     return logits, budget, candidates, picks, influence, charged
 
 
@@ -746,7 +753,8 @@ def check_sampler_config(cfg):
     if not isinstance(cfg, SamplerConfig):
         raise TypeError(f"cfg must be a SamplerConfig; got {type(cfg).__name__}")
     for name, options in (("linearize", ("state", "surrogate")), ("reveal", ("onehot", "soft")),
-                          ("estimator", ("tangent", "norm", "norm-entropy")), ("adaptive_pick", ("stuck", "always"))):
+                          ("estimator", ("tangent", "norm", "norm-surprisal", "norm-entropy")),
+                          ("adaptive_pick", ("stuck", "always"))):
         if getattr(cfg, name) not in options:
             raise ValueError(f"{name} must be one of {options}; got {getattr(cfg, name)!r}")
     for name, ok, rule in (

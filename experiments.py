@@ -292,13 +292,15 @@ def plot_suite(results, folder):
 # BoE's grid search, on the tuning instances of every task
 
 
-ESTIMATORS = (("tangent", "onehot"), ("tangent", "soft"), ("norm", "onehot"), ("norm-entropy", "onehot"))
+ESTIMATORS = (("tangent", "onehot"), ("tangent", "soft"), ("norm", "onehot"), ("norm-entropy", "onehot"),
+              ("norm-surprisal", "onehot"))
 
 
-def tune(instances):
+def tune(instances, seeds=SEEDS):
     """Every combination of BoE's main knobs, fixed schedule and adaptive, on `instances` tuning instances
-    (seed 0) of every task, with each task's seed-0 model. Rule: the highest accuracy averaged over tasks
-    (each task's budgets averaged first), so that every task counts the same; on a tie, the cheaper."""
+    (seed 0) of every task, with every trained model of the task. Rule: the highest accuracy averaged over
+    tasks (each task's budgets and models averaged first), so that every task counts the same; on a tie,
+    the cheaper."""
     grid = [replace(boe.SamplerConfig(), estimator=estimator, reveal=reveal, influential=influential, lam=lam,
                     h_max=h_max, sparse_backward=sparse)
             for estimator, reveal in ESTIMATORS for influential in (0, 1)
@@ -308,16 +310,20 @@ def tune(instances):
     scores = {("boe", i): [] for i in range(len(grid))} | {("boe-adaptive", i): [] for i in range(len(adaptive_grid))}
     for task in tasks.TASKS.values():
         prompts, _ = task.make_instances(instances, seed=0)
-        model = suite_model(task, 0)
         solved = lambda tokens: task.check(prompts, tokens)  # noqa: E731
         budgets = task.steps[:-1]  # the last budget is one reveal a step, where BoE is confidence
-        for i, cfg in enumerate(grid):
-            rows = [evaluate(model, prompts, "", "", "boe", steps, cfg, solved) for steps in budgets]
-            scores["boe", i].append([sum(r[k] for r in rows) / len(rows) for k in ("accuracy", "fwd_equiv")])
-        for i, cfg in enumerate(adaptive_grid):
-            row = evaluate(model, prompts, "", "", "boe-adaptive", answer_length(prompts, task), cfg, solved)
-            scores["boe-adaptive", i].append([row["accuracy"], row["fwd_equiv"]])
-        print(f"tuned on {task.name}", flush=True)
+        per_model = {key: [] for key in scores}
+        for seed in seeds:
+            model = suite_model(task, seed)
+            for i, cfg in enumerate(grid):
+                rows = [evaluate(model, prompts, "", "", "boe", steps, cfg, solved) for steps in budgets]
+                per_model["boe", i].append([sum(r[k] for r in rows) / len(rows) for k in ("accuracy", "fwd_equiv")])
+            for i, cfg in enumerate(adaptive_grid):
+                row = evaluate(model, prompts, "", "", "boe-adaptive", answer_length(prompts, task), cfg, solved)
+                per_model["boe-adaptive", i].append([row["accuracy"], row["fwd_equiv"]])
+            print(f"tuned on {task.name}, model seed {seed}", flush=True)
+        for key, results in per_model.items():  # the task's mean over its models
+            scores[key].append([sum(r[k] for r in results) / len(results) for k in (0, 1)])
     for order, configs in (("boe", grid), ("boe-adaptive", adaptive_grid)):
         ranked = sorted(range(len(configs)), key=lambda i: (-sum(a for a, _ in scores[order, i]),
                                                             sum(c for _, c in scores[order, i])))
@@ -328,7 +334,7 @@ def tune(instances):
             knobs = (f"estimator={cfg.estimator} reveal={cfg.reveal} " +
                      (f"influential={cfg.influential} lam={cfg.lam} h_max={cfg.h_max} sparse_backward="
                       f"{cfg.sparse_backward}" if order == "boe" else f"adaptive_pick={cfg.adaptive_pick}"))
-            print(f"  {sum(a for a, _ in per_task) / len(per_task):.3f}  {knobs}   " +
+            print(f"  {sum(a for a, _ in per_task) / len(per_task):.4f}  {knobs}   " +
                   "  ".join(f"{a:.3f}/{c:.1f}" for a, c in per_task))
 
 
@@ -394,7 +400,8 @@ def stuck_choices(instances, bound=0.1):
     reveal (argmax) lowers the other masked positions' entropy most (one forward per position)."""
     print(f"\nAt the steps where the entropy bound (gamma {bound}) is stuck: how often each score's first choice "
           f"is the exact one (the largest drop of the others' entropy)")
-    print(f"{'task':<11}{'states':>8}{'|g|':>8}{'|g| H':>8}{'tangent':>9}{'most uncertain':>16}{'least uncertain':>17}")
+    print(f"{'task':<11}{'states':>8}{'|g|':>8}{'|g| (-log c)':>14}{'|g| H':>8}{'tangent':>9}{'most uncertain':>16}"
+          f"{'least uncertain':>17}")
     for task in tasks.TASKS.values():
         prompts, _ = task.make_instances(instances, seed=1)
         model = suite_model(task, 0)
@@ -426,12 +433,12 @@ def stuck_choices(instances, bound=0.1):
         table = model.token_embedding.weight.detach()  # [V, D]
         _, grad = boe.entropy_gradient(model.forward_embeds, model.embed(states), masked, model.mask_id, masked)
         delta = table[logits.argmax(-1)] - table[model.mask_id]  # [N, L, D]
-        estimates = [boe.influence_scores(grad, delta, own, masked, boe.SamplerConfig(estimator=estimator))
-                     for estimator in ("norm", "norm-entropy", "tangent")]  # each [N, L], BoE's own scores
+        estimates = [boe.influence_scores(grad, delta, probs, masked, boe.SamplerConfig(estimator=estimator))
+                     for estimator in ("norm", "norm-surprisal", "norm-entropy", "tangent")]  # each [N, L]
         scores = (*estimates, own, -own)  # each [N, L]
         best = exact.argmax(1)  # [N]
         agree = [(score.masked_fill(~masked, -math.inf).argmax(1) == best).float().mean().item() for score in scores]
-        print(f"{task.name:<11}{len(states):>8}" + "".join(f"{a:>{w}.0%}" for a, w in zip(agree, (8, 8, 9, 16, 17))))
+        print(f"{task.name:<11}{len(states):>8}" + "".join(f"{a:>{w}.0%}" for a, w in zip(agree, (8, 14, 8, 9, 16, 17))))
 
 
 def picks(instances):
@@ -539,8 +546,9 @@ def fidelity(instances):
     print(f"How BoE's estimate ranks its candidates against exact one-step drops ({instances} instances, "
           f"decodings at steps {list(steps_list)}): mean Spearman, how often the top choices agree")
     print(f"{'':<20}{'decisions':>10}" + "".join(f"{a + ' vs ' + b:>22}" for a, b in FIDELITY_PAIRS))
-    for label, cfg in [(f"boe ({estimator})", boe.SamplerConfig(estimator=estimator))
-                       for estimator in ("norm-entropy", "norm", "tangent")] + [("boe (paper)", boe.PAPER_BOE)]:
+    configs = [(f"boe ({estimator})", boe.SamplerConfig(estimator=estimator))
+               for estimator in ("norm-surprisal", "norm-entropy", "norm", "tangent")]
+    for label, cfg in configs + [("boe (paper)", boe.PAPER_BOE)]:
         fid = tis_fidelity(model, prompts, steps_list, cfg)
         print(f"{label:<20}{fid['decisions']:>10}" + "".join(
             f"{'n/a':>22}" if fid[pair] is None else f"{fid[pair][0]:+16.2f} {fid[pair][1]:5.0%}"
@@ -557,6 +565,7 @@ def ablation_rows(cfg):
         ("lookahead (future only)", lookahead(own_entropy=False), cfg),
         ("lookahead (K=4)", lookahead(k=4), cfg),
         ("boe", "boe", cfg),
+        ("boe (|g| H)", "boe", replace(cfg, estimator="norm-entropy")),
         ("boe (|g| alone)", "boe", replace(cfg, estimator="norm")),
         ("boe (tangent)", "boe", replace(cfg, estimator="tangent")),
         ("boe (tangent, soft)", "boe", replace(cfg, estimator="tangent", reveal="soft")),
@@ -567,7 +576,7 @@ def ablation_rows(cfg):
         ("boe (no penalty)", "boe", replace(cfg, lam=0.0)),
         ("boe (gate, gamma=1)", "boe", replace(cfg, gamma=1.0)),
         ("boe (r=4)", "boe", replace(cfg, candidates=4)),
-        ("boe (active-row backward)", "boe", replace(cfg, sparse_backward=True)),
+        ("boe (exact backward)", "boe", replace(cfg, sparse_backward=False)),
         ("boe (paper)", "boe", boe.PAPER_BOE),
         ("boe (paper, all candidates)", "boe", replace(boe.PAPER_BOE, candidates=0)),
         ("boe (paper, dense backward)", "boe", replace(boe.PAPER_BOE, sparse_backward=False)),
@@ -585,6 +594,7 @@ def ablations(instances):
     gamma = boe.SamplerConfig().entropy_bound
     for label, cfg in (("boe-adaptive", boe.SamplerConfig()),
                        ("boe-adaptive (pick always)", boe.SamplerConfig(adaptive_pick="always")),
+                       ("boe-adaptive (|g| H)", boe.SamplerConfig(estimator="norm-entropy")),
                        ("boe-adaptive (|g| alone)", boe.SamplerConfig(estimator="norm")),
                        ("boe-adaptive (tangent)", boe.SamplerConfig(estimator="tangent")),
                        ("boe-adaptive (no TIS)", boe.SamplerConfig(use_tis=False)),

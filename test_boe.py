@@ -149,7 +149,7 @@ def test_tis_same_with_triton_and_torch_backends(monkeypatch):
     assert torch.allclose(results["triton"], results["torch"], rtol=1e-4, atol=1e-4 * scale)
 
 
-@pytest.mark.parametrize("estimator", ["tangent", "norm", "norm-entropy"])
+@pytest.mark.parametrize("estimator", ["tangent", "norm", "norm-surprisal", "norm-entropy"])
 @pytest.mark.parametrize("sparse", [True, False])
 def test_fused_step_gives_the_logits_and_influence_of_separate_passes(estimator, sparse):
     # The state's step differentiates its own forward. Unfused: a plain forward for the logits, then a
@@ -168,7 +168,7 @@ def test_fused_step_gives_the_logits_and_influence_of_separate_passes(estimator,
                                    masked if sparse else None)  # [B, L, D]
     delta = (table[plain_logits.argmax(-1)] - table[boe.MASK]) * masked[..., None]  # [B, L, D]
     assert torch.equal(candidates, masked) and torch.equal(charged, budget < masked.sum(1))
-    want = boe.influence_scores(grad, delta, boe.entropy(plain_probs), masked, cfg) * charged[:, None]  # [B, L]
+    want = boe.influence_scores(grad, delta, plain_probs, masked, cfg) * charged[:, None]  # [B, L]
     assert not charged.all() and torch.allclose(influence, want, rtol=1e-12, atol=1e-15)  # no choice: none
 
 
@@ -197,14 +197,20 @@ def test_adaptive_boe_picks_its_token_outside_the_set_the_bound_reveals_anyway()
     assert checked >= 3
 
 
-def test_norm_entropy_weighs_the_gradient_size_by_the_candidates_own_entropy():
+@pytest.mark.parametrize("estimator", ["norm-surprisal", "norm-entropy"])
+def test_norm_estimators_weigh_the_gradient_size_by_what_the_reveal_tells(estimator):
+    # |g_i| times the committed token's surprisal -log max_v p_i(v), or times the entropy H_i, written
+    # out from their definitions in float64; the surprisal never exceeds the entropy.
     gen = torch.Generator().manual_seed(0)
     grad, delta = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64), torch.randn(3, 5, 4, generator=gen)
     probs = torch.rand(3, 5, 6, generator=gen, dtype=torch.float64).softmax(-1)  # [B, L, V]
     candidates = torch.rand(3, 5, generator=gen) < 0.6  # [B, L]
     own_entropy = -(probs * probs.log()).sum(-1)  # [B, L]
-    got = boe.influence_scores(grad, delta, own_entropy, candidates, boe.SamplerConfig(estimator="norm-entropy"))
-    want = torch.linalg.vector_norm(grad, dim=-1) * own_entropy * candidates  # [B, L]
+    surprisal = torch.tensor([[-math.log(max(p)) for p in row] for row in probs.tolist()], dtype=torch.float64)
+    assert (surprisal <= own_entropy + 1e-12).all()
+    weight = surprisal if estimator == "norm-surprisal" else own_entropy  # [B, L]
+    got = boe.influence_scores(grad, delta, probs, candidates, boe.SamplerConfig(estimator=estimator))
+    want = torch.linalg.vector_norm(grad, dim=-1) * weight * candidates  # [B, L]
     assert torch.allclose(got, want, rtol=1e-12, atol=0)
 
 
@@ -215,7 +221,7 @@ ALL_ORDERS = list(boe.ORDERS)
 # Every order rule with its default settings, and BoE in every configuration it offers: the paper's
 # (the surrogate state; with these prompts' at most 8 masked positions and r = 8 there are never probes,
 # so also with 2 candidates, with capped probes, and a dense backward), and at the state the tangent, |g| alone,
-# a soft reveal, the whole budget by score, two influential reveals, 2 candidates, the active-row backward,
+# |g| H, a soft reveal, the whole budget by score, two influential reveals, 2 candidates, the exact backward,
 # and no TIS; and more candidates asked for than there are positions.
 BOE_CONFIGS = {
     "boe-paper": boe.PAPER_BOE,
@@ -224,11 +230,12 @@ BOE_CONFIGS = {
     "boe-paper-r2-dense": dataclasses.replace(boe.PAPER_BOE, candidates=2, sparse_backward=False),
     "boe-tangent": boe.SamplerConfig(estimator="tangent"),
     "boe-norm": boe.SamplerConfig(estimator="norm"),
+    "boe-norm-entropy": boe.SamplerConfig(estimator="norm-entropy"),
     "boe-tangent-soft": boe.SamplerConfig(estimator="tangent", reveal="soft", tau=0.5),
     "boe-whole-budget": boe.SamplerConfig(influential=0),
     "boe-influential2": boe.SamplerConfig(influential=2),
     "boe-r2": boe.SamplerConfig(candidates=2),
-    "boe-sparse": boe.SamplerConfig(sparse_backward=True),
+    "boe-dense": boe.SamplerConfig(sparse_backward=False),
     "boe-no-tis": boe.SamplerConfig(use_tis=False),
     "boe-r50": boe.SamplerConfig(candidates=50),
 }
@@ -421,9 +428,9 @@ def boe_step_args(**bad):
     (dict(progress=0.0), ValueError, "progress"),
     (dict(cfg=None), TypeError, "cfg must be a SamplerConfig"),
     (dict(cfg=boe.SamplerConfig(estimator="nrom")), ValueError, "estimator must be one of"),
-    (dict(logits_fn=lambda embeds: embeds, cfg=boe.SamplerConfig(sparse_backward=True)), TypeError,
-     "logits_fn must take an `active` keyword"),
-    (dict(logits_fn=lambda embeds: embeds), TypeError, r"one logit per row of the embedding table \(V = 14\)"),
+    (dict(logits_fn=lambda embeds: embeds), TypeError, "logits_fn must take an `active` keyword"),
+    (dict(logits_fn=lambda embeds, active=None: embeds), TypeError,
+     r"one logit per row of the embedding table \(V = 14\)"),
     (dict(logits_fn=lambda embeds, active=None: types.SimpleNamespace(logits=embeds)), TypeError,
      "logits_fn must return float logits"),
 ], ids=lambda x: None)

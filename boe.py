@@ -283,8 +283,9 @@ class SamplerConfig:
     reveal: str = "onehot"          # BoE: a reveal's direction: "onehot" = E[argmax p] - E[MASK];
                                     # "soft" = sum_v w(v) E[v] - E[MASK], w ~ p ** (1 / tau) (paper)
     estimator: str = "norm-surprisal"  # BoE: influence from the gradient g: "tangent" = -<g_i, delta_i>
-                                    # (paper); "norm" = |g_i|; "norm-surprisal" = |g_i| (-log c_i);
-                                    # "norm-entropy" = |g_i| H_i (the last three ignore `reveal`)
+                                    # (paper); "norm" = |g_i|; "norm-surprisal" = |g_i| times the committed
+                                    # token's surprisal (-log c_i for argmax); "norm-entropy" = |g_i| H_i
+                                    # (the last three ignore `reveal`)
     candidates: int = 0             # BoE: r, candidates per step (most confident first; at least the
                                     # budget); 0 = every masked position
     influential: int = 1            # BoE: reveals per step chosen by score, the rest of the budget by
@@ -493,10 +494,11 @@ def commit(logits, temperature, generators):
 #       the sampler commits [ours].
 #
 # From g to a score: the paper's tangent, or the size |g_i| weighed by what the committed token tells,
-# -log c_i [ours] (influence_scores); then the paper's confidence gate and anti-collapse penalty
-# (boe_scores). Then a set rule [ours]: a step's reveals are committed together, each from its
-# marginal, and the tokens that most lower everyone else's entropy are the most tied to each other, so
-# two of them revealed together can disagree. BoE picks one reveal by its score, and the rest go
+# its surprisal, -log c_i for argmax [ours] (influence_scores); then the paper's confidence gate and
+# anti-collapse penalty (boe_scores). Then a set rule [ours]: a step's reveals are committed together,
+# each from its marginal, and the tokens that most lower everyone else's entropy are the most tied to
+# each other, so two of them revealed together can disagree. BoE picks one reveal by its score, and the
+# rest go
 #   fixed schedule: to the most confident positions, nearly determined and so safe alongside. A step
 #       that reveals one token takes it by confidence: lowering the entropy left pays only because
 #       later steps commit several tokens at once.
@@ -567,21 +569,25 @@ def influence_scores(grad, delta, probs, candidates, cfg):
                         moves e_i far, along a strongly curved path on which the tangent's sign and size
                         are often wrong; on average revealing a token can only lower the others' entropy
                         (conditioning does not raise entropy in expectation), so the size is kept.
-      "norm-surprisal"  |g_i| (-log c_i), c_i = max_v p_i(v) [ours]. The gradient at E[MASK] cannot tell
-                        what a reveal says: it treats committing a near-certain token, which says nothing,
-                        as the same long move of e_i as committing an open choice. What the committed
-                        token v* = argmax p_i tells the rest is its surprisal -log p_i(v*), exactly so where
-                        x_i is a function of the rest and the rest is uniform (a mark given the pivot); so
-                        the sensitivity is weighed by it. An open cell's mark committed as '-' at p = 3/4
-                        rules out one cell of four: 0.29 nats, though its entropy is 0.56.
-      "norm-entropy"    |g_i| H_i [ours]: the same weight in expectation over v (-log c_i <= H_i), the one
-                        for a sampled commit; in expectation a reveal lowers the rest's joint entropy by
-                        I(x_i; rest) <= H_i."""
+      "norm-surprisal"  |g_i| E_v[-log p_i(v)], v the token the sampler commits [ours]: -log c_i for argmax
+                        (c_i = max_v p_i(v), temperature 0), H_i when sampling at temperature 1. The
+                        gradient at E[MASK] cannot tell what a reveal says: it treats committing a
+                        near-certain token, which says nothing, as the same long move of e_i as committing
+                        an open choice. What a committed token v tells the rest is its surprisal
+                        -log p_i(v), exactly so where x_i is a function of the rest and the rest is uniform
+                        (a mark given the pivot); so the sensitivity is weighed by it. An open cell's mark
+                        committed as '-' at p = 3/4 rules out one cell of four: 0.29 nats, though its
+                        entropy is 0.56.
+      "norm-entropy"    |g_i| H_i [ours], whatever the commit rule: in expectation a reveal lowers the rest's
+                        joint entropy by I(x_i; rest) <= H_i."""
     if cfg.estimator == "tangent":
         return -(grad * delta.to(grad.dtype)).sum(-1) * candidates  # [B, L]
     size = grad.norm(dim=-1) * candidates  # [B, L]
-    if cfg.estimator == "norm-surprisal":
+    if cfg.estimator == "norm-surprisal" and cfg.temperature == 0:
         return size * -probs.amax(-1).log()  # [B, L]; c_i >= 1 / V, so the log is finite
+    if cfg.estimator == "norm-surprisal":  # v ~ p ** (1 / temperature), as commit() draws it
+        committed = (probs.log() / cfg.temperature).softmax(-1)  # [B, L, V]
+        return size * -torch.special.xlogy(committed, probs).sum(-1)  # [B, L]; 0 log 0 = 0 at [MASK]
     return size * entropy(probs) if cfg.estimator == "norm-entropy" else size  # [B, L]
 
 
@@ -744,7 +750,7 @@ def check_generate_args(model, prompts, steps, order, cfg):
     if not steps_ok:
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
     if not callable(order) and order not in ORDERS:
-        moved = " (the exact lookahead is experiments.lookahead(), passed as a function)" if order == "lookahead" else ""
+        moved = " (the exact lookahead is experiments.lookahead(), a function)" if order == "lookahead" else ""
         raise ValueError(f"unknown order rule {order!r}; choose one of {', '.join(ORDERS)}{moved}")
     check_sampler_config(cfg)
 

@@ -197,21 +197,38 @@ def test_adaptive_boe_picks_its_token_outside_the_set_the_bound_reveals_anyway()
     assert checked >= 3
 
 
-@pytest.mark.parametrize("estimator", ["norm-surprisal", "norm-entropy"])
-def test_norm_estimators_weigh_the_gradient_size_by_what_the_reveal_tells(estimator):
-    # |g_i| times the committed token's surprisal -log max_v p_i(v), or times the entropy H_i, written
-    # out from their definitions in float64; the surprisal never exceeds the entropy.
+@pytest.mark.parametrize("estimator, temperature", [("norm-surprisal", 0.0), ("norm-surprisal", 0.5),
+                                                     ("norm-surprisal", 1.0), ("norm-entropy", 0.0)])
+def test_norm_estimators_weigh_the_gradient_size_by_what_the_reveal_tells(estimator, temperature):
+    # |g_i| times the expected surprisal -log p_i(v) of the token the sampler commits (v = argmax at
+    # temperature 0, v ~ p ** (1 / temperature) otherwise), or times the entropy H_i, written out from
+    # their definitions in float64 with a [MASK] column of probability 0. The argmax's surprisal never
+    # exceeds the entropy, and at temperature 1 the expected surprisal is the entropy.
     gen = torch.Generator().manual_seed(0)
     grad, delta = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64), torch.randn(3, 5, 4, generator=gen)
     probs = torch.rand(3, 5, 6, generator=gen, dtype=torch.float64).softmax(-1)  # [B, L, V]
+    probs = torch.cat([probs, torch.zeros(3, 5, 1, dtype=torch.float64)], -1)  # [B, L, V + 1]: [MASK] last
     candidates = torch.rand(3, 5, generator=gen) < 0.6  # [B, L]
-    own_entropy = -(probs * probs.log()).sum(-1)  # [B, L]
-    surprisal = torch.tensor([[-math.log(max(p)) for p in row] for row in probs.tolist()], dtype=torch.float64)
-    assert (surprisal <= own_entropy + 1e-12).all()
+
+    def expected_surprisal(p):  # one position's distribution, as a list
+        if temperature == 0:
+            return -math.log(max(p))
+        weights = [x ** (1 / temperature) for x in p]
+        return sum(w / sum(weights) * -math.log(x) for w, x in zip(weights, p) if x > 0)
+
+    own_entropy = torch.tensor([[sum(-x * math.log(x) for x in p if x > 0) for p in row] for row in probs.tolist()],
+                               dtype=torch.float64)  # [B, L]
+    surprisal = torch.tensor([[expected_surprisal(p) for p in row] for row in probs.tolist()],
+                             dtype=torch.float64)  # [B, L]
+    if temperature == 0:
+        assert (surprisal <= own_entropy + 1e-12).all()
     weight = surprisal if estimator == "norm-surprisal" else own_entropy  # [B, L]
-    got = boe.influence_scores(grad, delta, probs, candidates, boe.SamplerConfig(estimator=estimator))
+    cfg = boe.SamplerConfig(estimator=estimator, temperature=temperature)
+    got = boe.influence_scores(grad, delta, probs, candidates, cfg)  # [B, L]
     want = torch.linalg.vector_norm(grad, dim=-1) * weight * candidates  # [B, L]
     assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    if temperature == 1:
+        assert torch.allclose(surprisal, own_entropy, rtol=1e-12)
 
 
 # -----------------------------------------------------------------------------

@@ -394,6 +394,39 @@ def pick_study(instances):
                   f"{counts['confidence'] / n:>18.3f}{counts['h_boe'] / n:>13.2f}{counts['h_confidence'] / n:>15.2f}")
 
 
+def first_picks(instances):
+    """Adaptive BoE on the built-in task, per trained model: what its first pick is (the pivot, or an open
+    cell's mark, committed '*' or '-'), and how many backwards an instance it then needs. A mark committed
+    '-' rules out one cell and settles little, so another pick follows."""
+    print(f"\nAdaptive BoE's first pick on marks, per model ({instances} evaluation instances): share of the "
+          f"instances, and backwards an instance")
+    print(f"{'model':<8}{'pivot':>8}{'mark *':>9}{'mark -':>9}{'no pick':>9}{'backwards':>11}")
+    prompts, _ = boe.make_instances(instances, seed=1)
+    real_boe_step = boe.boe_step
+    for seed in SEEDS:
+        model = suite_model(tasks.MARKS, seed)
+        position = torch.full((instances,), -1)  # [n] each row's first pick, -1 = none yet
+        value = torch.full((instances,), -1)  # [n] the token it committed
+
+        def recording_step(tokens, masked, *args, **kwargs):
+            logits, scores, budget, charged = real_boe_step(tokens, masked, *args, **kwargs)
+            first = (scores == math.inf).any(1) & (position < 0)  # [n] rows picking for the first time
+            position[first] = (scores[first] == math.inf).float().argmax(1)
+            value[first] = logits[first, position[first]].argmax(-1)
+            return logits, scores, budget, charged
+
+        boe.boe_step = recording_step
+        try:
+            _, record = boe.generate(model, prompts, boe.SEQ_LEN - boe.PROMPT_LEN, "boe-adaptive")
+        finally:
+            boe.boe_step = real_boe_step
+        mark = (position >= 0) & (position < boe.SEQ_LEN - 1)  # [n]
+        shares = [position == boe.SEQ_LEN - 1, mark & (value == boe.MARKED), mark & (value == boe.UNMARKED),
+                  position < 0]
+        print(f"seed {seed:<3}" + "".join(f"{share.float().mean().item():>{w}.3f}" for share, w in
+                                          zip(shares, (8, 9, 9, 9))) + f"{record['backwards'].float().mean():>11.2f}")
+
+
 def stuck_choices(instances, bound=0.1):
     """At the steps where the entropy bound admits one token although several are masked (along its own
     decodings, seed-0 models): how often a score's first choice is the exact one, the masked position whose
@@ -444,6 +477,7 @@ def stuck_choices(instances, bound=0.1):
 def picks(instances):
     pick_study(instances)
     stuck_choices(instances)
+    first_picks(instances)
 
 
 # -----------------------------------------------------------------------------

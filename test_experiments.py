@@ -209,7 +209,8 @@ def test_suite_quick_runs_every_rule_on_every_task():
 def test_measurement_commands_run_on_the_shipped_models():
     tuned = run("tune", "--instances", "4")
     assert "boe: mean accuracy over tasks" in tuned and "adaptive_pick=" in tuned
-    assert "BoE wrong" in run("picks", "--instances", "10")
+    picked = run("picks", "--instances", "10")
+    assert "BoE wrong" in picked and "first pick on marks" in picked and "seed 2" in picked
     assert "estimate vs lookahead" in run("fidelity", "--instances", "6")
     assert "boe (paper, rho=1/2)" in run("ablations", "--instances", "10")
     shown = run("show", "0", "--task", "countdown", "--steps", "2")

@@ -13,9 +13,9 @@ On one CUDA GPU it measures:
      H = 2048 // D. Inputs and dOut are random normal; the active set is round(rho * L) random rows per
      sequence. The kernels one forward + backward of each implementation launched are listed once
      (torch.profiler), so a reader sees which kernels the rows time.
-  2. BoE step. One confidence step against one BoE step (boe.boe_step with the default configuration and
-     sparse_backward=True: the step's forward with gradient tracking and one backward, active rows = the
-     masked positions)
+  2. BoE step. One confidence step against one BoE step (boe.boe_step with the default configuration,
+     whose backward runs through the active rows: the step's forward with gradient tracking and one
+     backward, active rows = the masked positions)
      with the Triton sparse backward, one with a dense backward and one in the paper's configuration (a
      second forward at the surrogate state), on a 12-layer, d_model 768 model with random weights
      (L 1024, batch 8, a quarter of the positions after the prompt masked): time, peak memory
@@ -414,7 +414,7 @@ def boe_step_functions(device, dtype):
     budget = torch.full((BOE_BATCH,), BOE_BUDGET, device=device)  # [B]
     table = model.token_embedding.weight
     boe.ATTENTION_BACKEND = "triton"
-    default = boe.SamplerConfig(sparse_backward=True)  # the active-row backward this file times
+    default = boe.SamplerConfig(sparse_backward=True)  # the active-row backward this file times (the default)
     paper = replace(boe.PAPER_BOE, candidates=BOE_CANDIDATES)
     description = (f"{BOE_MODEL}, batch {BOE_BATCH}, {n_masked} of {seq_len} positions masked (the active rows "
                    f"at the state), budget {BOE_BUDGET}; the paper's surrogate with {BOE_CANDIDATES} candidates")

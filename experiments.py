@@ -15,6 +15,7 @@ The models are the shipped weights in weights/ (TASK-seedS.pt); a missing or sta
 boe.py's training code. --plot needs matplotlib (pip install matplotlib), which nothing else here uses.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -296,7 +297,7 @@ ESTIMATORS = (("tangent", "onehot"), ("tangent", "soft"), ("norm", "onehot"), ("
               ("norm-surprisal", "onehot"))
 
 
-def tune(instances, seeds=SEEDS):
+def tune(instances):
     """Every combination of BoE's main knobs, fixed schedule and adaptive, on `instances` tuning instances
     (seed 0) of every task, with every trained model of the task. Rule: the highest accuracy averaged over
     tasks (each task's budgets and models averaged first), so that every task counts the same; on a tie,
@@ -313,7 +314,7 @@ def tune(instances, seeds=SEEDS):
         solved = lambda tokens: task.check(prompts, tokens)  # noqa: E731
         budgets = task.steps[:-1]  # the last budget is one reveal a step, where BoE is confidence
         per_model = {key: [] for key in scores}
-        for seed in seeds:
+        for seed in SEEDS:
             model = suite_model(task, seed)
             for i, cfg in enumerate(grid):
                 rows = [evaluate(model, prompts, "", "", "boe", steps, cfg, solved) for steps in budgets]
@@ -342,6 +343,24 @@ def tune(instances, seeds=SEEDS):
 # Where BoE helps: how often its pick is wrong, against confidence's reveal at the same step
 
 
+@contextlib.contextmanager
+def watching_boe_step(watch):
+    """Within the block, boe.boe_step (which generate calls) also calls watch(tokens, masked, logits,
+    scores) after each step, with what the step saw and returned."""
+    real_boe_step = boe.boe_step
+
+    def watched(tokens, masked, *args, **kwargs):
+        logits, scores, budget, charged = real_boe_step(tokens, masked, *args, **kwargs)
+        watch(tokens, masked, logits, scores)
+        return logits, scores, budget, charged
+
+    boe.boe_step = watched
+    try:
+        yield
+    finally:
+        boe.boe_step = real_boe_step
+
+
 def pick_study(instances):
     """Along BoE's own decodings (fixed schedule at the task's budgets with a choice, and adaptive), at every
     step where BoE picks a reveal by its score: is the row still completable (a valid answer agrees with every
@@ -352,7 +371,6 @@ def pick_study(instances):
           "the same step (seed-0 model, evaluation instances)")
     print(f"{'task':<11}{'sampler':<22}{'picks':>7}{'BoE wrong':>11}{'confidence wrong':>18}"
           f"{'H(BoE pick)':>13}{'H(confidence)':>15}")
-    real_boe_step = boe.boe_step
     for task in tasks.TASKS.values():
         prompts, _ = task.make_instances(instances, seed=1)
         model = suite_model(task, 0)
@@ -360,21 +378,16 @@ def pick_study(instances):
                                          ("boe-adaptive", "boe-adaptive", [answer_length(prompts, task)])):
             seen = []
 
-            def recording_step(tokens, masked, *args, **kwargs):
-                logits, scores, budget, charged = real_boe_step(tokens, masked, *args, **kwargs)
+            def record(tokens, masked, logits, scores):
                 picked = scores == math.inf  # [B, L]
                 rows = picked.any(1)  # [B]
                 if rows.any():
                     confidence = logits.softmax(-1).max(-1).values.masked_fill(~masked, -1)  # [B, L]
                     seen.append((tokens[rows], logits[rows], picked[rows], confidence[rows].argmax(1)))
-                return logits, scores, budget, charged
 
-            boe.boe_step = recording_step
-            try:
+            with watching_boe_step(record):
                 for steps in steps_list:
                     boe.generate(model, prompts, steps, order)
-            finally:
-                boe.boe_step = real_boe_step
             counts = dict(picks=0, boe=0, confidence=0, h_boe=0.0, h_confidence=0.0)
             for tokens, logits, picked, choice in seen:
                 own = boe.entropy(logits.softmax(-1))  # [b, L]
@@ -402,24 +415,18 @@ def first_picks(instances):
           f"instances, and backwards an instance")
     print(f"{'model':<8}{'pivot':>8}{'mark *':>9}{'mark -':>9}{'no pick':>9}{'backwards':>11}")
     prompts, _ = boe.make_instances(instances, seed=1)
-    real_boe_step = boe.boe_step
     for seed in SEEDS:
         model = suite_model(tasks.MARKS, seed)
         position = torch.full((instances,), -1)  # [n] each row's first pick, -1 = none yet
         value = torch.full((instances,), -1)  # [n] the token it committed
 
-        def recording_step(tokens, masked, *args, **kwargs):
-            logits, scores, budget, charged = real_boe_step(tokens, masked, *args, **kwargs)
+        def record_first(tokens, masked, logits, scores):
             first = (scores == math.inf).any(1) & (position < 0)  # [n] rows picking for the first time
             position[first] = (scores[first] == math.inf).float().argmax(1)
             value[first] = logits[first, position[first]].argmax(-1)
-            return logits, scores, budget, charged
 
-        boe.boe_step = recording_step
-        try:
+        with watching_boe_step(record_first):
             _, record = boe.generate(model, prompts, boe.SEQ_LEN - boe.PROMPT_LEN, "boe-adaptive")
-        finally:
-            boe.boe_step = real_boe_step
         mark = (position >= 0) & (position < boe.SEQ_LEN - 1)  # [n]
         shares = [position == boe.SEQ_LEN - 1, mark & (value == boe.MARKED), mark & (value == boe.UNMARKED),
                   position < 0]

@@ -166,10 +166,6 @@ def check(tokens):
     return marks_ok & (cells[torch.arange(len(tokens)), marked] == OPEN) & (pivot == marked)  # [n]
 
 
-def render(tokens, chars=TOKEN_CHARS):
-    return "".join(chars[t] for t in tokens.tolist())
-
-
 @dataclass
 class TrainConfig:
     steps: int = 10000        # optimizer steps (about 10 minutes on one CPU core): by then the loss is near its
@@ -249,23 +245,18 @@ def load_or_train(model_cfg, train_cfg, make_batch=make_instances, task="marks",
 # 3. Samplers: one decoding loop, many order rules
 #
 # Each step: one forward at the current state x_t; an order rule scores the masked positions; each row
-# reveals its `budget` best-scoring ones and commits them (argmax, or a sample at a temperature); a
-# revealed token never changes again. On the fixed schedule budget = ceil(masked / steps_left), so a
-# row with n masked positions is done after min(n, T) steps.
-#
-# Adaptive rules decide how many from the step's forward as well; `steps` is then a cap: a step
-# reveals at least the fixed schedule's ceil(masked / steps_left), so every row is done within `steps`
-# steps, and steps >= the number of masked positions leaves the rule free.
-#   entropy-bound  (EB-sampler, Ben-Hamu et al., arXiv 2505.24857) sorts the masked positions by entropy
-#       and reveals the longest prefix whose entropies, all but the largest, sum to at most gamma
-#       (cfg.entropy_bound, nats). Tokens revealed in one step are drawn from their marginals, each on
-#       its own; how far that is from drawing them jointly (their total correlation) is at most the sum
-#       of their entropies minus the largest. A token drawn alone makes no such error, so every step
-#       reveals at least one.
+# reveals its `budget` best-scoring ones and commits them for good (argmax, or a sample at a
+# temperature). On the fixed schedule budget = ceil(masked / steps_left). Adaptive rules decide how many
+# from the step's forward too, and `steps` is a cap: a step reveals at least ceil(masked / steps_left),
+# so every row is done within `steps` steps (steps >= the masked positions leaves the rule free).
+#   entropy-bound  (EB-sampler, Ben-Hamu et al., arXiv 2505.24857) reveals the longest run of masked
+#       positions, in ascending entropy, whose entropies all but the largest sum to at most gamma
+#       (cfg.entropy_bound, nats). Tokens revealed together are drawn each from its marginal; the error
+#       against drawing them jointly (their total correlation) is at most that sum. A token drawn alone
+#       makes no such error, so every step reveals at least one.
 #   threshold  (Fast-dLLM, Wu et al., arXiv 2505.22618) reveals every masked position whose confidence is
 #       at least tau (cfg.confidence_threshold), and the most confident one if none is.
-# BoE runs the step's forward itself (section 4), so that one backward through that same forward scores
-# every position; "boe-adaptive" is BoE with the entropy bound deciding how many.
+# BoE runs the step's forward itself, so that one backward through it scores every position (section 4).
 
 
 @dataclass(frozen=True)  # one default instance is shared; variants are made with dataclasses.replace()
@@ -282,10 +273,8 @@ class SamplerConfig:
                                     # the step's own forward; "surrogate" = every candidate soft (paper)
     reveal: str = "onehot"          # BoE: a reveal's direction: "onehot" = E[argmax p] - E[MASK];
                                     # "soft" = sum_v w(v) E[v] - E[MASK], w ~ p ** (1 / tau) (paper)
-    estimator: str = "norm-surprisal"  # BoE: influence from the gradient g: "tangent" = -<g_i, delta_i>
-                                    # (paper); "norm" = |g_i|; "norm-surprisal" = |g_i| times the committed
-                                    # token's surprisal (-log c_i for argmax); "norm-entropy" = |g_i| H_i
-                                    # (the last three ignore `reveal`)
+    estimator: str = "norm-surprisal"  # BoE: influence from g: "tangent" (paper), "norm", "norm-surprisal",
+                                    # "norm-entropy" (influence_scores; the last three ignore `reveal`)
     candidates: int = 0             # BoE: r, candidates per step (most confident first; at least the
                                     # budget); 0 = every masked position
     influential: int = 1            # BoE: reveals per step chosen by score, the rest of the budget by
@@ -297,9 +286,8 @@ class SamplerConfig:
     rho: float = 1.0                # BoE at the surrogate: probes capped to the ceil(rho * L) of highest
                                     # entropy; active rows are the candidates plus these probes
     use_tis: bool = True            # BoE ablation: False scores by gate and penalty alone
-    sparse_backward: bool = True    # BoE: the backward through the active rows only (attn_kernel.py): O(|A| L d)
-                                    # instead of O(L^2 d); an approximation below the last layer (README).
-                                    # False: the exact backward, for a logits_fn without an `active` keyword
+    sparse_backward: bool = True    # BoE: the backward through the active rows only, O(|A| L d) (section 4);
+                                    # False: the exact one, for a logits_fn without an `active` keyword
 
 
 # The paper's configuration: the gradient at the all-soft surrogate state, the 8 most confident
@@ -396,7 +384,6 @@ ORDER_RULES = {
     "threshold": score_threshold,
 }
 ORDERS = (*ORDER_RULES, "boe", "boe-adaptive")
-ADAPTIVE_ORDERS = ("entropy-bound", "threshold", "boe-adaptive")
 
 
 @torch.no_grad()
@@ -469,51 +456,44 @@ def commit(logits, temperature, generators):
 # -----------------------------------------------------------------------------
 # 4. Backward-on-Entropy: the Token Influence Score
 #
-# The cost to lower is the uncertainty still to resolve, J(x_t) = sum_{s < t} H(x_s), with
-# H(x) = sum_{j masked} H(p_theta(. | x)_j). Its one-step lookahead is H(x_{t-1}), the masked entropy
-# right after this step's reveals; measured exactly it costs one forward per candidate
-# (experiments.lookahead, the yardstick of the README's tables). BoE treats a reveal as a move of one
-# input embedding and expands to first order:
+# The cost to lower is the uncertainty still to resolve, H(x) = sum_{j masked} H(p_theta(. | x)_j), the
+# masked entropy. Its one-step lookahead, H right after this step's reveals, costs one forward per
+# candidate when measured exactly (experiments.lookahead, the yardstick of the README's tables). BoE
+# treats a reveal as a move of one input embedding and expands to first order:
 #
 #   reveal i:     e_i = E[MASK]  ->  E[MASK] + delta_i
 #   cost:         H(e) = sum_{j in P} H(p_j(. | e)),   P = the probes (masked positions)
 #   first order:  H(.. e_i + delta_i ..) - H(e*)  ~  <g_i, delta_i>,   g = dH/de at a point e*
 #   TIS_i = -<g_i, delta_i>                       (higher = a larger predicted drop of the entropy left)
 #
-# g is the gradient of one scalar, so one backward gives the TIS of every position at once. The choices
-# are where to take it (e*) and which way a reveal points (delta):
-#   linearize="surrogate"  (the paper) every candidate at its soft embedding at once, e~_i = sum_v w_i(v)
-#       E[v], w_i ~ p_i ** (1 / tau); the probes are the other masked positions. Cost: the step's
-#       forward, a second forward at e*, one backward.
-#   linearize="state"  [ours] e* = embed(x_t), the real state, every masked position a probe: TIS_i
-#       expands the drop of revealing i alone, the drop the exact lookahead measures. e* is the input of
-#       the step's own forward, which runs with gradient tracking; one backward follows, no second
-#       forward. (Softening every candidate together lets each soft reveal already say what another's
-#       would: the README measures Spearman -0.37 against the same soft reveal made alone.)
+# g is the gradient of one scalar, so one backward gives the TIS of every position at once. Where to take
+# it (e*) and which way a reveal points (delta):
+#   linearize="surrogate"  (the paper) every candidate at its soft embedding e~_i = sum_v w_i(v) E[v],
+#       w_i ~ p_i ** (1 / tau), the other masked positions as probes: a second forward, one backward.
+#   linearize="state"  [ours] e* = embed(x_t), every masked position a probe: TIS_i expands the drop of
+#       revealing i alone, what the exact lookahead measures. e* is the input of the step's own forward,
+#       which runs with gradient tracking, so one backward follows and no second forward.
 #   reveal="soft"  delta_i = e~_i - E[MASK] (the paper); "onehot" E[argmax p_i] - E[MASK], the reveal
 #       the sampler commits [ours].
+# From g to a score: the paper's tangent, or |g_i| weighed by what the committed token tells
+# (influence_scores); then the paper's confidence gate and anti-collapse penalty (boe_scores).
 #
-# From g to a score: the paper's tangent, or the size |g_i| weighed by what the committed token tells,
-# its surprisal, -log c_i for argmax [ours] (influence_scores); then the paper's confidence gate and
-# anti-collapse penalty (boe_scores). Then a set rule [ours]: a step's reveals are committed together,
-# each from its marginal, and the tokens that most lower everyone else's entropy are the most tied to
-# each other, so two of them revealed together can disagree. BoE picks one reveal by its score, and the
-# rest go
+# The set rule [ours]: a step's reveals are committed together, each from its marginal, and the tokens
+# that most lower everyone else's entropy are the most tied to each other, so two of them revealed
+# together can disagree. BoE picks one reveal by its score, and the rest of the step goes
 #   fixed schedule: to the most confident positions, nearly determined and so safe alongside. A step
 #       that reveals one token takes it by confidence: lowering the entropy left pays only because
 #       later steps commit several tokens at once.
-#   adaptive ("boe-adaptive"): to the entropy bound, which decides how many; BoE picks only where the
-#       bound admits one token because nothing is near-certain, as a constraint solver branches only
-#       when propagation stalls. Revealing near-certain tokens first costs at most gamma and may settle
-#       the uncertain ones where their uncertainty is the model's own; an earlier pick would be a guess
-#       that waiting avoids. When nothing is near-certain one uncertain token must be revealed anyway
-#       (the bound's free token), and the one whose reveal most lowers the entropy left should let the
-#       next steps reveal the most. Alone, it makes no dependence error, so it needs no further test.
-# The backward runs only where a pick can change the step (the step's forward tells); elsewhere the
-# graph is dropped and nothing is charged. With sparse_backward (the paper's) attention passes gradient
-# only through the outputs of the active rows, the probes and candidates (ActiveQueryAttention,
-# attn_kernel.py): exact in the last layer, an approximation below, the price of an O(|A| L d) backward.
-# With the default estimator it picks as well as the exact backward on the suite (README's grid search).
+#   adaptive ("boe-adaptive"): to the entropy bound, which decides how many. BoE picks only where the
+#       bound admits a single token because nothing is near-certain, as a constraint solver branches only
+#       when propagation stalls: revealing near-certain tokens first costs at most gamma and may settle
+#       the uncertain ones where their uncertainty is the model's own, and an earlier pick would be a
+#       guess that waiting avoids. A token revealed alone makes no dependence error, and the one that
+#       most lowers the entropy left should let the next steps reveal the most.
+# The backward runs only where a pick can change the step (the step's forward tells); elsewhere the graph
+# is dropped and nothing is charged. With sparse_backward the attention passes gradient only through the
+# outputs of the active rows, the probes and candidates (ActiveQueryAttention, attn_kernel.py): exact in
+# the last layer, an approximation below, the price of an O(|A| L d) backward (the README measures it).
 
 
 def call_logits_fn(logits_fn, embeds, active=None, vocab=None):
@@ -564,22 +544,18 @@ def entropy_gradient(logits_fn, embeds, probes, mask_id=None, active=None):
 def influence_scores(grad, delta, probs, candidates, cfg):
     """Each candidate's predicted influence [B, L] (0 elsewhere) from g = dH/de [B, L, D], the reveal's
     delta [B, L, D] and the step's predictions p [B, L, V]:
-      "tangent"         TIS_i = -<g_i, delta_i>: the first-order drop of the entropy left (the paper)
-      "norm"            |g_i|, how strongly the entropy left depends on anything at i [ours]. A reveal
-                        moves e_i far, along a strongly curved path on which the tangent's sign and size
-                        are often wrong; on average revealing a token can only lower the others' entropy
-                        (conditioning does not raise entropy in expectation), so the size is kept.
-      "norm-surprisal"  |g_i| E_v[-log p_i(v)], v the token the sampler commits [ours]: -log c_i for argmax
-                        (c_i = max_v p_i(v), temperature 0), H_i when sampling at temperature 1. The
-                        gradient at E[MASK] cannot tell what a reveal says: it treats committing a
-                        near-certain token, which says nothing, as the same long move of e_i as committing
-                        an open choice. What a committed token v tells the rest is its surprisal
-                        -log p_i(v), exactly so where x_i is a function of the rest and the rest is uniform
-                        (a mark given the pivot); so the sensitivity is weighed by it. An open cell's mark
-                        committed as '-' at p = 3/4 rules out one cell of four: 0.29 nats, though its
-                        entropy is 0.56.
-      "norm-entropy"    |g_i| H_i [ours], whatever the commit rule: in expectation a reveal lowers the rest's
-                        joint entropy by I(x_i; rest) <= H_i."""
+      "tangent"         TIS_i = -<g_i, delta_i>, the first-order drop of the entropy left (the paper)
+      "norm"            |g_i|, how strongly the entropy left depends on anything at i [ours]: a reveal moves
+                        e_i far along a curved path, where the tangent's sign and size are often wrong, but
+                        on average conditioning cannot raise entropy, so the size is kept
+      "norm-surprisal"  |g_i| E_v[-log p_i(v)], v the token the sampler commits [ours]: -log c_i for argmax,
+                        H_i when sampling at temperature 1. The gradient at E[MASK] treats committing a
+                        near-certain token, which says nothing, like committing an open choice; what a
+                        committed v tells the rest is its surprisal (exactly so where x_i is a function of
+                        a uniform rest, as a mark given the pivot). A mark committed as '-' at p = 3/4 rules
+                        out one cell of four: 0.29 nats, though its entropy is 0.56
+      "norm-entropy"    |g_i| H_i [ours], whatever the commit rule: a reveal lowers the rest's joint entropy
+                        by I(x_i; rest) <= H_i in expectation"""
     if cfg.estimator == "tangent":
         return -(grad * delta.to(grad.dtype)).sum(-1) * candidates  # [B, L]
     size = grad.norm(dim=-1) * candidates  # [B, L]
@@ -614,7 +590,7 @@ def boe_step(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, progres
                  charged, bool [B]: rows for which BoE's extra passes ran (a backward at the state; a
                  second forward and a backward at the surrogate)
     The set rule and when the backward runs: section 4's header. To paste it elsewhere, take section 4
-    with `entropy`, `top_masked`, `entropy_bound_count` and the BoE fields of SamplerConfig."""
+    with `entropy`, `top_masked`, `entropy_bound_count`, SamplerConfig and the input checks."""
     check_sampler_config(cfg)
     check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, revealable)
     logits, budget, candidates, picks, influence, charged = boe_influence(

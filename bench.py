@@ -562,6 +562,11 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a few sizes only")
     parser.add_argument("--json", metavar="PATH", help="write every number here")
     args = parser.parse_args()
+    if args.json:  # written at the end, even of a broken run: a place that cannot be written fails now
+        try:
+            open(args.json, "a").close()
+        except OSError as err:
+            parser.error(f"cannot write {args.json}: {err.strerror or err}")
     gpu = torch.cuda.is_available()
     if gpu and not attn_kernel.HAS_TRITON:
         parser.error(f"on a GPU, bench.py times the Triton kernels: {attn_kernel.TRITON_MISSING}")

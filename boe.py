@@ -235,10 +235,22 @@ def load_or_train(model_cfg, train_cfg, make_batch=make_instances, task="marks",
             print(f"{train_cfg.cache} was trained with other settings; retraining")
         except Exception as err:  # any unreadable or foreign file: say so and retrain
             print(f"{train_cfg.cache} could not be loaded ({type(err).__name__}: {err}); retraining")
+    check_writable(train_cfg.cache)  # before training, not after it
     model = train(model_cfg, train_cfg, make_batch)
-    os.makedirs(os.path.dirname(train_cfg.cache) or ".", exist_ok=True)
     torch.save({"configs": settings, "state_dict": model.state_dict()}, train_cfg.cache)
     return model
+
+
+def check_writable(path):
+    """Make the folder of `path` and check that a file can be written there: an OSError that names the
+    path, before a long run rather than after it."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        probe = f"{path}.{os.getpid()}.tmp"
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as err:
+        raise OSError(f"cannot write {path}: {err.strerror or err}") from err
 
 
 # -----------------------------------------------------------------------------
@@ -804,7 +816,12 @@ def main():
         parser.error("--instances, --steps and --train-steps must be >= 1")
 
     import experiments  # here, not at the top: experiments imports this file
-    model = load_or_train(ModelConfig(), TrainConfig(steps=args.train_steps, cache=args.cache), retrain=args.retrain)
+    try:  # a --json or --cache that cannot be written is an error now, not after the run
+        if args.json:
+            check_writable(args.json)
+        model = load_or_train(ModelConfig(), TrainConfig(steps=args.train_steps, cache=args.cache), retrain=args.retrain)
+    except OSError as err:
+        parser.error(str(err))
     prompts, _ = make_instances(args.instances, args.eval_seed)
     experiments.builtin_table(model, prompts, args.steps, args.paper, args.json)
 

@@ -16,6 +16,7 @@ boe.py's training code. --plot needs matplotlib (pip install matplotlib), which 
 """
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -744,6 +745,15 @@ def main():
     args = parser.parse_args()
     if getattr(args, "instances", 1) < 1 or getattr(args, "instance", 0) < 0 or getattr(args, "steps", 1) < 1:
         parser.error("--instances and --steps must be >= 1, INSTANCE >= 0")
+    try:  # what the suite writes at its end: an error now, not after the run
+        if getattr(args, "json", None):
+            boe.check_writable(args.json)
+        if getattr(args, "plot", None):
+            boe.check_writable(os.path.join(args.plot, "frontier.png"))
+    except OSError as err:
+        parser.error(str(err))
+    if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib: pip install matplotlib")
 
     if args.command == "suite":
         seeds, instances, steps = ((0,), 40, (2, 3)) if args.quick else (SEEDS, INSTANCES, None)

@@ -649,6 +649,17 @@ def test_main_job_prints_every_rule_and_writes_json(tmp_path):
     assert "compute frontier" in result.stdout and result.stdout.count("   *") >= 1
 
 
+def test_main_job_fails_before_training_where_its_outputs_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a-file"  # a file where the path wants a folder: unwritable, even for root
+    blocker.write_text("")
+    for outputs in (["--cache", str(blocker / "m.pt")], ["--json", str(blocker / "rows.json"), "--cache",
+                                                          str(tmp_path / "m.pt")]):
+        result = subprocess.run([sys.executable, "boe.py", "--train-steps", "30", *outputs], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2 and "cannot write" in result.stderr and not result.stdout, result.stderr
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_main_job_decodes_without_triton(tmp_path):
     # As on macOS or Windows, where there are no triton wheels: boe.py runs on the PyTorch path.
     result = run_without_triton("import runpy; runpy.run_path('boe.py', run_name='__main__')", "--train-steps",

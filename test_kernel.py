@@ -520,6 +520,14 @@ def test_bench_cpu_path_runs_without_triton_and_writes_json(tmp_path):
     assert report["triton"] is None and report["kernel"] and all(check["ok"] for check in report["checks"])
 
 
+def test_bench_json_that_cannot_be_written_fails_before_the_run(tmp_path):
+    blocker = tmp_path / "a-file"  # a file where the path wants a folder: unwritable, even for root
+    blocker.write_text("")
+    result = run_without_triton("import runpy; runpy.run_path('bench.py', run_name='__main__')",
+                                "--quick", "--json", str(blocker / "bench.json"))
+    assert result.returncode == 2 and "cannot write" in result.stderr and not result.stdout, result.stderr
+
+
 @needs_triton
 @pytest.mark.skipif(ON_GPU, reason="on a GPU bench.py runs for real; run it by hand there")
 def test_bench_gpu_code_runs_in_the_interpreter(monkeypatch):

@@ -246,6 +246,8 @@ def check_writable(path):
     path, before a long run rather than after it."""
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "it is a folder")
         probe = f"{path}.{os.getpid()}.tmp"
         open(probe, "wb").close()
         os.remove(probe)

@@ -652,11 +652,12 @@ def test_main_job_prints_every_rule_and_writes_json(tmp_path):
 def test_main_job_fails_before_training_where_its_outputs_cannot_be_written(tmp_path):
     blocker = tmp_path / "a-file"  # a file where the path wants a folder: unwritable, even for root
     blocker.write_text("")
-    for outputs in (["--cache", str(blocker / "m.pt")], ["--json", str(blocker / "rows.json"), "--cache",
-                                                          str(tmp_path / "m.pt")]):
+    for outputs in (["--cache", str(blocker / "m.pt")], ["--cache", str(tmp_path)],
+                    ["--json", str(blocker / "rows.json"), "--cache", str(tmp_path / "m.pt")]):
         result = subprocess.run([sys.executable, "boe.py", "--train-steps", "30", *outputs], capture_output=True,
                                 text=True, timeout=120)
-        assert result.returncode == 2 and "cannot write" in result.stderr and not result.stdout, result.stderr
+        assert result.returncode == 2 and "cannot write" in result.stderr, result.stderr
+        assert "train step" not in result.stdout
     assert not (tmp_path / "m.pt").exists()
 
 

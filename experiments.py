@@ -665,7 +665,8 @@ def show(task_name, instance, steps):
         for t in range(last + 1):
             state = torch.where(record["reveal_step"][0] <= t, tokens[0], prompt[0])  # [L]
             revealed = torch.nonzero(record["reveal_step"][0] == t).flatten().tolist()
-            print(f"  step {t + 1}: {''.join(task.chars[token] for token in state.tolist())}   revealed positions {revealed}")
+            shown = "".join(task.chars[token] for token in state.tolist())
+            print(f"  step {t + 1}: {shown}   revealed positions {revealed}")
 
 
 def backward_cost(model, prompts, sparse, repeats=15):

@@ -14,6 +14,7 @@ The file reads top to bottom:
                 ones (the entropy bound, the confidence threshold) also how many
   4. BoE        the TIS derivation, and `boe_step`, one BoE step for any masked diffusion model, on a
                 fixed schedule or with the entropy bound deciding how many
+     checks     every bad input to `generate` and `boe_step` gets an error that names it
   5. main       loads (or trains) the model and prints accuracy against compute for every rule
 
 Where the paper is silent, the choices made here are marked "[ours]" with the reason. The measurement

@@ -23,10 +23,11 @@ grid search, the ablations) is in experiments.py.
 """
 import argparse
 import math
+import numbers
 import operator
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -749,6 +750,10 @@ def check_generate_args(model, prompts, steps, order, cfg):
 def check_sampler_config(cfg):
     if not isinstance(cfg, SamplerConfig):
         raise TypeError(f"cfg must be a SamplerConfig; got {type(cfg).__name__}")
+    for field in fields(cfg):  # each knob's type first, so that the checks below compare numbers
+        value, kind = getattr(cfg, field.name), {float: numbers.Real, int: numbers.Integral}.get(field.type, field.type)
+        if not isinstance(value, kind) or (field.type is not bool and isinstance(value, bool)):
+            raise TypeError(f"{field.name} must be of type {field.type.__name__}; got {value!r}")
     for name, options in (("linearize", ("state", "surrogate")), ("reveal", ("onehot", "soft")),
                           ("estimator", ("tangent", "norm", "norm-surprisal", "norm-entropy")),
                           ("adaptive_pick", ("stuck", "always"))):
@@ -759,8 +764,10 @@ def check_sampler_config(cfg):
             ("confidence_threshold", 0 < cfg.confidence_threshold <= 1, "in (0, 1]"),
             ("candidates", cfg.candidates >= 0, ">= 0 (0 = every masked position)"),
             ("influential", cfg.influential >= 0, ">= 0 (0 = the whole budget by score)"),
-            ("rho", 0 < cfg.rho <= 1, "in (0, 1]"), ("tau", cfg.tau > 0, "> 0"),
-            ("temperature", cfg.temperature >= 0, ">= 0")):
+            ("rho", 0 < cfg.rho <= 1, "in (0, 1]"), ("tau", 0 < cfg.tau < math.inf, "> 0 and finite"),
+            ("temperature", 0 <= cfg.temperature < math.inf, ">= 0 and finite"),
+            ("gamma", 0 <= cfg.gamma < math.inf, ">= 0 and finite"), ("lam", 0 <= cfg.lam < math.inf,
+            ">= 0 and finite"), ("h_max", 0 <= cfg.h_max < math.inf, ">= 0 and finite (nats)")):
         if not ok:  # NaN fails every comparison, so it lands here too
             raise ValueError(f"{name} must be {rule}; got {getattr(cfg, name)!r}")
     if cfg.rho < 1 and cfg.linearize != "surrogate":

@@ -608,6 +608,17 @@ def test_adaptive_boe_equals_a_reference_that_always_runs_the_backward(pick):
     (dict(order="threshold", cfg=boe.SamplerConfig(confidence_threshold=math.nan)), ValueError, "confidence_threshold"),
     (dict(order="boe-adaptive", cfg=boe.SamplerConfig(adaptive_pick="sometimes")), ValueError,
      "adaptive_pick must be one of"),
+    (dict(cfg=boe.SamplerConfig(candidates=2.5)), TypeError, "candidates must be of type int"),
+    (dict(cfg=boe.SamplerConfig(influential=True)), TypeError, "influential must be of type int"),
+    (dict(cfg=boe.SamplerConfig(use_tis="no")), TypeError, "use_tis must be of type bool"),
+    (dict(cfg=boe.SamplerConfig(sparse_backward=None)), TypeError, "sparse_backward must be of type bool"),
+    (dict(cfg=boe.SamplerConfig(temperature="0")), TypeError, "temperature must be of type float"),
+    (dict(cfg=boe.SamplerConfig(estimator=None)), TypeError, "estimator must be of type str"),
+    (dict(cfg=boe.SamplerConfig(temperature=math.inf)), ValueError, "temperature must be >= 0 and finite"),
+    (dict(cfg=dataclasses.replace(boe.PAPER_BOE, tau=math.inf)), ValueError, "tau must be > 0 and finite"),
+    (dict(cfg=boe.SamplerConfig(gamma=math.nan)), ValueError, "gamma must be >= 0"),
+    (dict(cfg=boe.SamplerConfig(lam=-1.0)), ValueError, "lam must be >= 0"),
+    (dict(cfg=boe.SamplerConfig(h_max=math.inf)), ValueError, "h_max must be >= 0 and finite"),
 ])
 def test_bad_generate_input_gets_a_clear_error(bad, error, match):
     args = dict(prompts=boe.make_instances(2, 0)[0], steps=3, order="boe", cfg=boe.SamplerConfig())

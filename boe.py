@@ -781,7 +781,7 @@ def check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, re
     if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2 or not embedding.dtype.is_floating_point:
         raise TypeError("embedding must be the model's input embedding table, a float tensor [V, D]")
     vocab = embedding.shape[0]
-    if isinstance(mask_id, bool) or not isinstance(mask_id, int) or not 0 <= mask_id < vocab:
+    if isinstance(mask_id, bool) or not isinstance(mask_id, numbers.Integral) or not 0 <= mask_id < vocab:
         raise ValueError(f"mask_id must be an int in [0, V = {vocab}); got {mask_id!r}")
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab):
         raise ValueError(f"token ids must lie in [0, V = {vocab}), the rows of the embedding table")
@@ -797,7 +797,7 @@ def check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, re
                         f"got {describe(budget)}")
     if budget.numel() and budget.min() < 0:
         raise ValueError("budget must be >= 0")
-    if isinstance(progress, bool) or not isinstance(progress, (int, float)) or not 0 < progress <= 1:
+    if isinstance(progress, bool) or not isinstance(progress, numbers.Real) or not 0 < progress <= 1:
         raise ValueError(f"progress (steps left / steps) must lie in (0, 1]; got {progress!r}")
 
 

@@ -729,6 +729,9 @@ def is_int_tensor(x, dim):
 
 
 def check_generate_args(model, prompts, steps, order, cfg):
+    if not (hasattr(model, "cfg") and hasattr(model, "mask_id")):
+        raise TypeError(f"generate decodes with a model like this file's (.cfg, .mask_id); got {type(model).__name__}. "
+                        f"For another model, call boe_step in a decoding loop of your own")
     if not isinstance(prompts, torch.Tensor) or prompts.dtype != torch.long or prompts.dim() != 2:
         raise TypeError(f"prompts must be an int64 tensor [B, L]; got {describe(prompts)}")
     if prompts.shape[1] > model.cfg.seq_len:

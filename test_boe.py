@@ -608,6 +608,7 @@ def test_adaptive_boe_equals_a_reference_that_always_runs_the_backward(pick):
     (dict(order="threshold", cfg=boe.SamplerConfig(confidence_threshold=math.nan)), ValueError, "confidence_threshold"),
     (dict(order="boe-adaptive", cfg=boe.SamplerConfig(adaptive_pick="sometimes")), ValueError,
      "adaptive_pick must be one of"),
+    (dict(model=torch.nn.Linear(4, 4)), TypeError, "call boe_step"),
     (dict(cfg=boe.SamplerConfig(candidates=2.5)), TypeError, "candidates must be of type int"),
     (dict(cfg=boe.SamplerConfig(influential=True)), TypeError, "influential must be of type int"),
     (dict(cfg=boe.SamplerConfig(use_tis="no")), TypeError, "use_tis must be of type bool"),
@@ -621,10 +622,11 @@ def test_adaptive_boe_equals_a_reference_that_always_runs_the_backward(pick):
     (dict(cfg=boe.SamplerConfig(h_max=math.inf)), ValueError, "h_max must be >= 0 and finite"),
 ])
 def test_bad_generate_input_gets_a_clear_error(bad, error, match):
-    args = dict(prompts=boe.make_instances(2, 0)[0], steps=3, order="boe", cfg=boe.SamplerConfig())
+    args = dict(model=random_model(), prompts=boe.make_instances(2, 0)[0], steps=3, order="boe",
+                cfg=boe.SamplerConfig())
     args.update(bad)
     with pytest.raises(error, match=match):
-        boe.generate(random_model(), args["prompts"], args["steps"], args["order"], args["cfg"])
+        boe.generate(args["model"], args["prompts"], args["steps"], args["order"], args["cfg"])
 
 
 def test_corrupt_cache_is_retrained_with_a_message(tmp_path, capsys):

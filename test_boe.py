@@ -3,6 +3,7 @@ dense reference, the fused BoE step against separate passes, the charged passes 
 that run, sampler invariants for every order rule and BoE configuration, BoE inside a model written
 the way Hugging Face models are, and clear errors on bad input."""
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -907,3 +908,26 @@ def test_readme_example_decodes_on_the_stand_in_and_keeps_the_prompt():
     assert not (tokens == STAND_IN_MASK).any()
     # Two blocks of 8 in 4 steps each: 2 reveals a step, so the first 3 steps of a block run a backward.
     assert routed == 2 * 3 * len(model.attentions)
+
+
+def test_boe_step_runs_when_pasted_with_the_pieces_its_docstring_lists():
+    # boe_step's docstring says what a paste into another project needs: section 4 with `entropy`,
+    # `top_masked`, `entropy_bound_count`, SamplerConfig and the input checks. Run exactly those, with
+    # boe.py's imports, in a namespace of their own, and compare with boe.boe_step.
+    source = open(boe.__file__).read()
+    header = source[source.index("import argparse"):source.index("from attn_kernel import")]
+    pieces = [inspect.getsource(obj) for obj in (boe.SamplerConfig, boe.entropy, boe.top_masked,
+                                                 boe.entropy_bound_count)]
+    section_4_and_checks = source[source.index("# 4. Backward-on-Entropy"):source.index("# 5. Main")]
+    pasted = {"__name__": "pasted"}
+    exec("\n\n".join([header, *pieces, section_4_and_checks]), pasted)
+    model = random_model()
+    prompts = partly_masked_prompts()
+    masked = prompts == boe.MASK  # [B, L]
+    budget = torch.full((len(prompts),), 2)  # [B]
+    for adaptive in (False, True):
+        args = (prompts, masked, budget, model.token_embedding.weight, model.forward_embeds, boe.MASK)
+        ours = boe.boe_step(*args, boe.SamplerConfig(), adaptive=adaptive)
+        theirs = pasted["boe_step"](*args, pasted["SamplerConfig"](), adaptive=adaptive)
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b)

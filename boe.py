@@ -767,10 +767,10 @@ def check_sampler_config(cfg):
             ("confidence_threshold", 0 < cfg.confidence_threshold <= 1, "in (0, 1]"),
             ("candidates", cfg.candidates >= 0, ">= 0 (0 = every masked position)"),
             ("influential", cfg.influential >= 0, ">= 0 (0 = the whole budget by score)"),
-            ("rho", 0 < cfg.rho <= 1, "in (0, 1]"), ("tau", 0 < cfg.tau < math.inf, "> 0 and finite"),
-            ("temperature", 0 <= cfg.temperature < math.inf, ">= 0 and finite"),
-            ("gamma", 0 <= cfg.gamma < math.inf, ">= 0 and finite"), ("lam", 0 <= cfg.lam < math.inf,
-            ">= 0 and finite"), ("h_max", 0 <= cfg.h_max < math.inf, ">= 0 and finite (nats)")):
+            ("rho", 0 < cfg.rho <= 1, "in (0, 1]"),
+            ("tau", 0 < cfg.tau < math.inf, "> 0 and finite"),
+            *((name, 0 <= getattr(cfg, name) < math.inf, ">= 0 and finite")
+              for name in ("temperature", "gamma", "lam", "h_max"))):
         if not ok:  # NaN fails every comparison, so it lands here too
             raise ValueError(f"{name} must be {rule}; got {getattr(cfg, name)!r}")
     if cfg.rho < 1 and cfg.linearize != "surrogate":

@@ -8,6 +8,7 @@ was measured. `python boe.py` prints its table with builtin_table below; each su
     python experiments.py ablations                      BoE and the lookahead taken apart
     python experiments.py show INSTANCE                  one decoding by every rule, step by step
     python experiments.py time-backward                  the cost of BoE's backward, timed here, in forwards
+    python experiments.py noise                          how many decodings tiny changes to the weights change
     python experiments.py loss                           each model's training loss: where training stopped
     python experiments.py train                          train (or load) every model of the suite
 
@@ -725,6 +726,38 @@ def model_loss(instances=2000):
               "  ".join(f"seed {seed} {loss:.4f}" for seed, loss in zip(SEEDS, losses)) + floor)
 
 
+@torch.no_grad()
+def weight_noise(instances, scales=(1e-6, 1e-5, 1e-4)):
+    """How far the tables hold on another machine. Another CPU or PyTorch rounds float sums differently, by
+    about float32's 6e-8 relative per operation; here every weight of each task's seed-0 model is instead
+    multiplied by 1 + scale * N(0, 1), and each rule decodes the same evaluation instances again: how many
+    decodings change, and the accuracy before and after."""
+    default = boe.SamplerConfig()
+    print(f"Decodings that change when every weight is scaled by 1 + s N(0, 1), of {instances} evaluation "
+          f"instances (seed 1), seed-0 models; accuracy before -> after")
+    for task in tasks.TASKS.values():
+        prompts, _ = task.make_instances(instances, seed=1)
+        accuracy = lambda tokens: task.check(prompts, tokens).double().mean().item()  # noqa: E731
+        cap = answer_length(prompts, task)
+        rules = [(order, steps, f"{steps} steps") for order in ("boe", "confidence") for steps in task.steps[:-1]]
+        rules += [("boe-adaptive", cap, f"gamma {default.entropy_bound:g}"),
+                  ("entropy-bound", cap, f"gamma {default.entropy_bound:g}"),
+                  ("threshold", cap, f"tau {default.confidence_threshold:g}")]
+        decoded = []  # for each scale (0 first), the tokens [n, L] of each rule
+        for scale in (0.0, *scales):
+            model = suite_model(task, 0)
+            torch.manual_seed(0)
+            for weight in model.parameters():
+                weight.mul_(1 + scale * torch.randn_like(weight))
+            decoded.append([boe.generate(model, prompts, steps, order)[0] for order, steps, _ in rules])
+        print(f"\n{task.name}\n  {'rule':<24}" + "".join(f"{f's = {s:g}':>22}" for s in scales))
+        for i, (order, _, setting) in enumerate(rules):
+            before = decoded[0][i]  # [n, L]
+            cells = [f"{int((after[i] != before).any(1).sum())} ({accuracy(before):.3f} -> {accuracy(after[i]):.3f})"
+                     for after in decoded[1:]]
+            print(f"  {order + ' ' + setting:<24}" + "".join(f"{cell:>22}" for cell in cells))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -734,7 +767,8 @@ def main():
     suite.add_argument("--tasks", nargs="+", default=list(tasks.TASKS), choices=list(tasks.TASKS))
     suite.add_argument("--plot", metavar="DIR", help="also write DIR/frontier-TASK.png (needs matplotlib)")
     suite.add_argument("--json", metavar="PATH", help="also write every row of every model as JSON")
-    for name, default in (("tune", TUNING), ("picks", 300), ("fidelity", 250), ("ablations", INSTANCES)):
+    for name, default in (("tune", TUNING), ("picks", 300), ("fidelity", 250), ("ablations", INSTANCES),
+                          ("noise", INSTANCES)):
         commands.add_parser(name).add_argument("--instances", type=int, default=default)
     show_args = commands.add_parser("show", help="one decoding by every rule")
     show_args.add_argument("instance", type=int)
@@ -776,7 +810,8 @@ def main():
     elif args.command == "loss":
         model_loss()
     else:
-        dict(tune=tune, picks=picks, fidelity=fidelity, ablations=ablations)[args.command](args.instances)
+        dict(tune=tune, picks=picks, fidelity=fidelity, ablations=ablations, noise=weight_noise)[args.command](
+            args.instances)
 
 
 if __name__ == "__main__":

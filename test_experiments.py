@@ -217,6 +217,8 @@ def test_measurement_commands_run_on_the_shipped_models():
     assert "boe-adaptive:" in shown and "step 1:" in shown
     assert "active rows" in run("time-backward")
     assert "floor:" in run("loss")
+    noise = run("noise", "--instances", "10")
+    assert "s = 1e-06" in noise and "boe-adaptive gamma 0.1" in noise and "countdown" in noise
 
 
 def test_suite_plot_writes_a_png_per_task(tmp_path):

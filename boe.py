@@ -819,6 +819,8 @@ def main():
                         "(every knob was chosen on seed 0)")
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 3, 5, 9], help="budgets of the fixed schedule")
     parser.add_argument("--paper", action="store_true", help="BoE in the paper's configuration (PAPER_BOE)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="every rule commits a sample from "
+                        "p ** (1 / T); 0 = the argmax (the README's tables)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--train-steps", type=int, default=TrainConfig.steps, help="training steps "
                         "(weights made with other settings are retrained)")
@@ -827,6 +829,8 @@ def main():
     args = parser.parse_args()
     if args.instances < 1 or min(args.steps) < 1 or args.train_steps < 1:
         parser.error("--instances, --steps and --train-steps must be >= 1")
+    if not 0 <= args.temperature < math.inf:
+        parser.error(f"--temperature must be >= 0 and finite; got {args.temperature}")
 
     import experiments  # here, not at the top: experiments imports this file
     try:  # a --json or --cache that cannot be written is an error now, not after the run
@@ -836,7 +840,7 @@ def main():
     except OSError as err:
         parser.error(str(err))
     prompts, _ = make_instances(args.instances, args.eval_seed)
-    experiments.builtin_table(model, prompts, args.steps, args.paper, args.json)
+    experiments.builtin_table(model, prompts, args.steps, args.paper, args.json, args.temperature)
 
 
 if __name__ == "__main__":

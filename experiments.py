@@ -140,13 +140,15 @@ def evaluate(model, prompts, label, setting, order, steps, cfg, solved_fn=boe.ch
                 fwd_equiv=forwards + backward_cost * backwards, wall_s=record["wall_s"])
 
 
-def rule_rows(steps_list, max_steps, paper=False):
+def rule_rows(steps_list, max_steps, paper=False, temperature=0.0):
     """(label, setting, order, steps, cfg) for every rule: the fixed-schedule rules at each budget, and
-    the adaptive ones swept over their knob with `max_steps` as a cap that never binds."""
-    default = boe.PAPER_BOE if paper else boe.SamplerConfig()
+    the adaptive ones swept over their knob with `max_steps` as a cap that never binds; every rule
+    commits at `temperature`."""
+    default = replace(boe.PAPER_BOE if paper else boe.SamplerConfig(), temperature=temperature)
+    paper_boe = replace(boe.PAPER_BOE, temperature=temperature)
     rows = [(label, f"{steps} steps", order, steps, default) for steps in steps_list
             for label, order in FIXED_RULES.items()]
-    rows += [] if paper else [("boe (paper)", f"{steps} steps", "boe", steps, boe.PAPER_BOE) for steps in steps_list]
+    rows += [] if paper else [("boe (paper)", f"{steps} steps", "boe", steps, paper_boe) for steps in steps_list]
     for order, knob, values in (("entropy-bound", "entropy_bound", ENTROPY_BOUNDS),
                                 ("threshold", "confidence_threshold", THRESHOLDS),
                                 ("boe-adaptive", "entropy_bound", ENTROPY_BOUNDS)):
@@ -177,14 +179,15 @@ def print_table(rows):
               f"{'   *' if (row['rule'], row['setting']) in on else ''}")
 
 
-def builtin_table(model, prompts, steps_list, paper=False, json_path=None):
+def builtin_table(model, prompts, steps_list, paper=False, json_path=None, temperature=0.0):
     """boe.py's main job: every rule on the built-in task, printed against compute."""
     cap = boe.SEQ_LEN - boe.PROMPT_LEN
     rows = [evaluate(model, prompts, label, setting, order, steps, cfg)
-            for label, setting, order, steps, cfg in rule_rows(steps_list, cap, paper)]
-    print(f"\n{len(prompts)} instances, sorted by compute. Per instance: forwards, backwards, and fwd-equiv = "
-          f"forwards + {BACKWARD_COST:g} x backwards. The adaptive rules (entropy-bound, threshold, boe-adaptive) "
-          f"decide each step's size, capped at {cap} steps.")
+            for label, setting, order, steps, cfg in rule_rows(steps_list, cap, paper, temperature)]
+    commits = f"a sample at temperature {temperature:g}" if temperature else "the argmax"
+    print(f"\n{len(prompts)} instances, sorted by compute; every rule commits {commits}. Per instance: forwards, "
+          f"backwards, and fwd-equiv = forwards + {BACKWARD_COST:g} x backwards. The adaptive rules (entropy-bound, "
+          f"threshold, boe-adaptive) decide each step's size, capped at {cap} steps.")
     print_table(rows)
     if json_path:
         with open(json_path, "w") as f:

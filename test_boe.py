@@ -675,6 +675,15 @@ def test_main_job_fails_before_training_where_its_outputs_cannot_be_written(tmp_
     assert not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.parametrize("bad, message", [(["--temperature", "-1"], "--temperature must be"),
+                                          (["--temperature", "inf"], "--temperature must be"),
+                                          (["--steps", "0"], "must be >= 1")])
+def test_main_job_rejects_bad_options_before_training(tmp_path, bad, message):
+    result = subprocess.run([sys.executable, "boe.py", "--cache", str(tmp_path / "m.pt"), *bad], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr and "train step" not in result.stdout, result.stderr
+
+
 def test_main_job_decodes_without_triton(tmp_path):
     # As on macOS or Windows, where there are no triton wheels: boe.py runs on the PyTorch path.
     result = run_without_triton("import runpy; runpy.run_path('boe.py', run_name='__main__')", "--train-steps",

@@ -114,6 +114,13 @@ def run(*args, timeout=600):
     return result.stdout
 
 
+@pytest.mark.parametrize("paper", [False, True])
+def test_every_rule_of_the_table_commits_at_the_temperature_asked(paper):
+    rows = experiments.rule_rows([2, 3], 9, paper, temperature=0.5)
+    assert {cfg.temperature for *_, cfg in rows} == {0.5}
+    assert any(cfg.linearize == "surrogate" for *_, cfg in rows)  # the paper's BoE is among them
+
+
 def test_frontier_is_every_row_no_cheaper_row_matches_in_accuracy():
     gen = torch.Generator().manual_seed(0)
     for _ in range(200):

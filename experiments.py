@@ -199,14 +199,15 @@ def builtin_table(model, prompts, steps_list, paper=False, json_path=None, tempe
 # The suite: every rule on every task, over several trained models
 
 
-def run_suite(task_names, seeds, instances, steps_override=None):
-    """{task: {(rule, setting): [row per model]}}, rows as evaluate makes them, plus "successes"."""
+def run_suite(task_names, seeds, instances, steps_override=None, temperature=0.0):
+    """{task: {(rule, setting): [row per model]}}, rows as evaluate makes them, plus "successes"; every
+    rule commits at `temperature` (0: the argmax)."""
     results = {}
     for name in task_names:
         task = tasks.TASKS[name]
         prompts, _ = task.make_instances(instances, seed=1)
         solved = lambda tokens: task.check(prompts, tokens)  # noqa: E731
-        rows = rule_rows(steps_override or task.steps, answer_length(prompts, task))
+        rows = rule_rows(steps_override or task.steps, answer_length(prompts, task), temperature=temperature)
         results[name] = {}
         for seed in seeds:
             model = suite_model(task, seed)
@@ -770,6 +771,8 @@ def main():
     suite.add_argument("--tasks", nargs="+", default=list(tasks.TASKS), choices=list(tasks.TASKS))
     suite.add_argument("--plot", metavar="DIR", help="also write DIR/frontier-TASK.png (needs matplotlib)")
     suite.add_argument("--json", metavar="PATH", help="also write every row of every model as JSON")
+    suite.add_argument("--temperature", type=float, default=0.0, help="every rule commits a sample from "
+                       "p ** (1 / T); 0 = the argmax (the README's tables)")
     for name, default in (("tune", TUNING), ("picks", 300), ("fidelity", 250), ("ablations", INSTANCES),
                           ("noise", INSTANCES)):
         commands.add_parser(name).add_argument("--instances", type=int, default=default)
@@ -795,7 +798,9 @@ def main():
 
     if args.command == "suite":
         seeds, instances, steps = ((0,), 40, (2, 3)) if args.quick else (SEEDS, INSTANCES, None)
-        results = run_suite(args.tasks, seeds, instances, steps)
+        if not 0 <= args.temperature < math.inf:
+            parser.error(f"--temperature must be >= 0 and finite; got {args.temperature}")
+        results = run_suite(args.tasks, seeds, instances, steps, args.temperature)
         print_suite(results)
         if args.json:
             with open(args.json, "w") as f:

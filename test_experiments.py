@@ -248,3 +248,9 @@ def test_suite_plot_without_matplotlib_fails_before_the_run(tmp_path):
     result = subprocess.run([sys.executable, "-c", code, "suite", "--plot", str(tmp_path)], capture_output=True,
                             text=True, timeout=60, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert result.returncode == 2 and "--plot needs matplotlib" in result.stderr and not result.stdout, result.stderr
+
+
+def test_suite_rejects_a_bad_temperature_before_the_run():
+    result = subprocess.run([sys.executable, "experiments.py", "suite", "--temperature", "-0.5"], capture_output=True,
+                            text=True, timeout=60, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 2 and "--temperature must be" in result.stderr and not result.stdout, result.stderr

@@ -2,6 +2,7 @@
 was measured. `python boe.py` prints its table with builtin_table below; each subcommand prints another:
 
     python experiments.py suite [--quick] [--plot DIR]   every rule on every task, 3 trained models a task
+                              [--temperature T]          (with every commit sampled at T)
     python experiments.py tune                           BoE's grid search, on the tuning instances (seed 0)
     python experiments.py picks                          where BoE helps: how often a pick is wrong, and why
     python experiments.py fidelity                       how well TIS ranks candidates against exact drops

@@ -472,10 +472,11 @@ def commit(logits, temperature, generators):
 # -----------------------------------------------------------------------------
 # 4. Backward-on-Entropy: the Token Influence Score
 #
-# The cost to lower is the uncertainty still to resolve, H(x) = sum_{j masked} H(p_theta(. | x)_j), the
-# masked entropy. Its one-step lookahead, H right after this step's reveals, costs one forward per
-# candidate when measured exactly (experiments.lookahead, the yardstick of the README's tables). BoE
-# treats a reveal as a move of one input embedding and expands to first order:
+# The cost to lower is the uncertainty still to resolve along the trajectory, J(x_t) = sum_{s < t} H(x_s),
+# with H(x) = sum_{j masked} H(p_theta(. | x)_j). Its one-step lookahead is H(x_{t-1}), the masked entropy
+# right after this step's reveals; measured exactly it costs one forward per candidate
+# (experiments.lookahead, the yardstick of the README's tables). BoE treats a reveal as a move of one
+# input embedding and expands to first order:
 #
 #   reveal i:     e_i = E[MASK]  ->  E[MASK] + delta_i
 #   cost:         H(e) = sum_{j in P} H(p_j(. | e)),   P = the probes (masked positions)
@@ -504,12 +505,14 @@ def commit(logits, temperature, generators):
 #       bound admits a single token because nothing is near-certain, as a constraint solver branches only
 #       when propagation stalls: revealing near-certain tokens first costs at most gamma and may settle
 #       the uncertain ones where their uncertainty is the model's own, and an earlier pick would be a
-#       guess that waiting avoids. A token revealed alone makes no dependence error, and the one that
-#       most lowers the entropy left should let the next steps reveal the most.
+#       guess that waiting avoids. When nothing is near-certain one uncertain token must be revealed
+#       anyway (the bound's free token; alone, it makes no dependence error), and the one that most
+#       lowers the entropy left should let the next steps reveal the most.
 # The backward runs only where a pick can change the step (the step's forward tells); elsewhere the graph
-# is dropped and nothing is charged. With sparse_backward the attention passes gradient only through the
-# outputs of the active rows, the probes and candidates (ActiveQueryAttention, attn_kernel.py): exact in
-# the last layer, an approximation below, the price of an O(|A| L d) backward (the README measures it).
+# is dropped and nothing is charged. With sparse_backward (the paper's ActiveQueryAttention, attn_kernel.py)
+# the attention passes gradient only through the outputs of the active rows, the probes and candidates:
+# exact in the last layer, an approximation below, the price of an O(|A| L d) backward; with the default
+# estimator it picks as well as the exact backward on the suite (the README's grid search).
 
 
 def call_logits_fn(logits_fn, embeds, active=None, vocab=None):

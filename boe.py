@@ -567,12 +567,12 @@ def influence_scores(grad, delta, probs, candidates, cfg):
       "norm"            |g_i|, how strongly the entropy left depends on anything at i [ours]: a reveal moves
                         e_i far along a curved path, where the tangent's sign and size are often wrong, but
                         on average conditioning cannot raise entropy, so the size is kept
-      "norm-surprisal"  |g_i| E_v[-log p_i(v)], v the token the sampler commits [ours]: -log c_i for argmax,
-                        H_i when sampling at temperature 1. The gradient at E[MASK] treats committing a
-                        near-certain token, which says nothing, like committing an open choice; what a
-                        committed v tells the rest is its surprisal (exactly so where x_i is a function of
-                        a uniform rest, as a mark given the pivot). A mark committed as '-' at p = 3/4 rules
-                        out one cell of four: 0.29 nats, though its entropy is 0.56
+      "norm-surprisal"  |g_i| E_v[-log p_i(v)], v the token the sampler commits [ours]: -log c_i for argmax
+                        (c_i = max_v p_i(v)), H_i when sampling at temperature 1. The gradient at E[MASK]
+                        treats committing a near-certain token, which says nothing, like committing an open
+                        choice; what a committed v tells the rest is its surprisal (exactly so where x_i is
+                        a function of a uniform rest, as a mark given the pivot). A mark committed as '-' at
+                        p = 3/4 rules out one cell of four: 0.29 nats, though its entropy is 0.56
       "norm-entropy"    |g_i| H_i [ours], whatever the commit rule: a reveal lowers the rest's joint entropy
                         by I(x_i; rest) <= H_i in expectation"""
     if cfg.estimator == "tangent":

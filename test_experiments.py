@@ -234,23 +234,26 @@ def test_suite_plot_writes_a_png_per_task(tmp_path):
     assert (tmp_path / "frontier-marks.png").stat().st_size > 1000
 
 
+def refusal(*argv):
+    """Runs `python *argv` in this folder, expecting a refusal before any work: exit status 2 (argparse's),
+    nothing on stdout. Returns stderr, for the message."""
+    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60,
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 2 and not result.stdout, result.stderr
+    return result.stderr
+
+
 def test_suite_outputs_that_cannot_be_written_fail_before_the_run(tmp_path):
     blocker = tmp_path / "a-file"  # a file where the path wants a folder: unwritable, even for root
     blocker.write_text("")
     for option in ("--json", "--plot"):
-        result = subprocess.run([sys.executable, "experiments.py", "suite", option, str(blocker / "out")],
-                                capture_output=True, text=True, timeout=60, cwd=os.path.dirname(os.path.abspath(__file__)))
-        assert result.returncode == 2 and "cannot write" in result.stderr and not result.stdout, result.stderr
+        assert "cannot write" in refusal("experiments.py", "suite", option, str(blocker / "out"))
 
 
 def test_suite_plot_without_matplotlib_fails_before_the_run(tmp_path):
     code = "import sys, runpy; sys.modules['matplotlib'] = None; runpy.run_path('experiments.py', run_name='__main__')"
-    result = subprocess.run([sys.executable, "-c", code, "suite", "--plot", str(tmp_path)], capture_output=True,
-                            text=True, timeout=60, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert result.returncode == 2 and "--plot needs matplotlib" in result.stderr and not result.stdout, result.stderr
+    assert "--plot needs matplotlib" in refusal("-c", code, "suite", "--plot", str(tmp_path))
 
 
 def test_suite_rejects_a_bad_temperature_before_the_run():
-    result = subprocess.run([sys.executable, "experiments.py", "suite", "--temperature", "-0.5"], capture_output=True,
-                            text=True, timeout=60, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert result.returncode == 2 and "--temperature must be" in result.stderr and not result.stdout, result.stderr
+    assert "--temperature must be" in refusal("experiments.py", "suite", "--temperature", "-0.5")

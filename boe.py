@@ -279,7 +279,8 @@ def check_writable(path):
 class SamplerConfig:
     temperature: float = 0.0        # commit rule: 0 = argmax, > 0 = sample from p ** (1 / temperature)
     entropy_bound: float = 0.1      # entropy-bound and boe-adaptive: gamma in nats (the EB-sampler's
-                                    # usual value, also the default of Hugging Face's entropy-bound sampler)
+                                    # usual value, also the default of Hugging Face's entropy-bound sampler);
+                                    # boe: no pick where the bound would reveal every masked position
     confidence_threshold: float = 0.9  # threshold: tau (Fast-dLLM's default)
     adaptive_pick: str = "stuck"    # boe-adaptive: where BoE picks the step's free token: "stuck" = only at
                                     # steps where the bound admits one token; "always" = at every step
@@ -508,11 +509,13 @@ def commit(logits, temperature, generators):
 #       guess that waiting avoids. When nothing is near-certain one uncertain token must be revealed
 #       anyway (the bound's free token; alone, it makes no dependence error), and the one that most
 #       lowers the entropy left should let the next steps reveal the most.
-# The backward runs only where a pick can change the step (the step's forward tells); elsewhere the graph
-# is dropped and nothing is charged. With sparse_backward (the paper's ActiveQueryAttention, attn_kernel.py)
-# the attention passes gradient only through the outputs of the active rows, the probes and candidates:
-# exact in the last layer, an approximation below, the price of an O(|A| L d) backward; with the default
-# estimator it picks as well as the exact backward on the suite (the README's grid search).
+# The backward runs only where a pick can change the step, as the step's forward tells: not where the budget
+# takes every revealable position, nor where the entropy bound would reveal them all at once (all but one
+# near-certain: boe_influence), nor, adaptive and "stuck", where the bound admits more than one. Elsewhere
+# the graph is dropped and nothing is charged. With sparse_backward (the paper's ActiveQueryAttention,
+# attn_kernel.py) the attention passes gradient only through the outputs of the active rows, the probes and
+# candidates: exact in the last layer, an approximation below, the price of an O(|A| L d) backward; with the
+# default estimator it picks as well as the exact backward on the suite (the README's grid search).
 
 
 def call_logits_fn(logits_fn, embeds, active=None, vocab=None):
@@ -647,8 +650,13 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
     logits[..., mask_id] = -math.inf  # the model never proposes [MASK]
     probs = logits.softmax(-1)  # [B, L, V]
     own_entropy = entropy(probs)  # [B, L]
-    if adaptive:  # the entropy bound decides how many; BoE picks only where it admits a single token
-        bounded = entropy_bound_count(own_entropy, revealable, cfg.entropy_bound)  # [B]
+    # Where the entropy bound would reveal every revealable position, all of them but the most uncertain
+    # are near-certain: revealing any one lowers the others' entropy by their mutual information with it,
+    # at most gamma. Nothing is left to steer, and the rest of the step's order decides.
+    bounded = entropy_bound_count(own_entropy, revealable, cfg.entropy_bound)  # [B]
+    if not adaptive:
+        picks = picks * (bounded < n_open)  # [B]
+    else:  # the entropy bound decides how many; BoE picks only where it admits a single token
         budget = torch.maximum(budget, bounded)  # [B]
         picks = pick_counts(budget) * ((bounded <= 1) | (cfg.adaptive_pick == "always"))  # [B]
         # BoE picks the free token: the bound reveals its other budget - picks positions (the lowest in

@@ -241,7 +241,8 @@ ALL_ORDERS = list(boe.ORDERS)
 # (the surrogate state; with these prompts' at most 8 masked positions and r = 8 there are never probes,
 # so also with 2 candidates, with capped probes, and a dense backward), and at the state the tangent, |g| alone,
 # |g| H, a soft reveal, the whole budget by score, two influential reveals, 2 candidates, the exact backward,
-# and no TIS; and more candidates asked for than there are positions.
+# and no TIS; more candidates asked for than there are positions; and a bound loose enough to leave late
+# steps nothing to steer.
 BOE_CONFIGS = {
     "boe-paper": boe.PAPER_BOE,
     "boe-paper-r2": dataclasses.replace(boe.PAPER_BOE, candidates=2),
@@ -257,6 +258,7 @@ BOE_CONFIGS = {
     "boe-dense": boe.SamplerConfig(sparse_backward=False),
     "boe-no-tis": boe.SamplerConfig(use_tis=False),
     "boe-r50": boe.SamplerConfig(candidates=50),
+    "boe-near-certain": boe.SamplerConfig(entropy_bound=6.0),  # nats: no pick left at 3 masked or fewer
 }
 # The adaptive rules at a few bounds, and adaptive BoE in the configurations that change how it picks.
 ADAPTIVE_CONFIGS = {
@@ -363,6 +365,9 @@ def test_forward_and_backward_counts_are_as_documented():
     assert look["forwards"].tolist() == [steps + 9 + 6] * 4
     _, look_k = boe.generate(model, prompts, steps, experiments.lookahead(k=4))
     assert look_k["forwards"].tolist() == [steps + 4 + 4] * 4
+    # Where the entropy bound would reveal every masked position, nothing is left to steer: no backward.
+    _, loose = boe.generate(model, prompts, steps, "boe", boe.SamplerConfig(entropy_bound=math.inf))
+    assert loose["forwards"].tolist() == [steps] * 4 and loose["backwards"].tolist() == [0] * 4
     # Adaptive BoE with an unbounded entropy bound reveals everything at once: one forward, no backward.
     _, all_at_once = boe.generate(model, prompts, 9, "boe-adaptive", boe.SamplerConfig(entropy_bound=math.inf))
     assert all_at_once["forwards"].tolist() == [1] * 4 and all_at_once["backwards"].tolist() == [0] * 4
@@ -574,6 +579,51 @@ def test_adaptive_boe_equals_a_reference_that_always_runs_the_backward(pick):
         tokens, record = boe.generate(model, prompts, prompts.shape[1], "boe-adaptive", cfg)
         assert torch.equal(tokens, reference_boe_adaptive(model, prompts, bound, pick))
         assert (record["backwards"] < record["forwards"]).all(), "the last step never needs a backward"
+
+
+def reference_boe_fixed(model, prompts, steps, bound):
+    """Fixed-schedule BoE written out step by step, with the forward and the backward run for every row at
+    every step: ceil(masked / steps left) reveals; where that leaves a choice and the entropy bound would not
+    reveal every masked position, the best-scoring one first, then the rest by confidence."""
+    cfg = boe.SamplerConfig(entropy_bound=bound)
+    table = model.token_embedding.weight  # [V, D]
+    tokens = prompts.clone()  # [B, L]
+    for t in range(steps):
+        masked = tokens == boe.MASK  # [B, L]
+        if not masked.any():
+            break
+        logits, grad = boe.entropy_gradient(model.forward_embeds, model.embed(tokens), masked, boe.MASK, masked)
+        logits = logits.float()
+        logits[..., boe.MASK] = -math.inf
+        probs = logits.softmax(-1)  # [B, L, V]
+        own, confidence = boe.entropy(probs), probs.max(-1).values  # [B, L], [B, L]
+        delta = (table[logits.argmax(-1)] - table[boe.MASK]) * masked[..., None]  # [B, L, D]
+        influence = boe.influence_scores(grad, delta, probs, masked, cfg)  # [B, L]
+        scores = boe.boe_scores(influence, masked, confidence, own, (steps - t) / steps, cfg)  # [B, L]
+        count = boe.entropy_bound_count(own, masked, bound)  # [B]
+        for b in range(len(tokens)):
+            left = int(masked[b].sum())
+            budget = -(-left // (steps - t))
+            order = confidence[b].masked_fill(~masked[b], -math.inf).argsort(descending=True, stable=True).tolist()
+            if 2 <= budget < left and count[b] < left:
+                best = int(scores[b].masked_fill(~masked[b], -math.inf).argmax())
+                order = [best] + [i for i in order if i != best]
+            for i in order[:budget]:
+                tokens[b, i] = logits[b, i].argmax()
+    return tokens
+
+
+def test_fixed_boe_equals_a_reference_that_always_runs_the_backward():
+    # The backward skipped where the entropy bound would reveal every masked position changes nothing but
+    # the compute: the reference runs it there too, and ranks by confidence all the same.
+    model = random_model(torch.float64)  # its entropies lie near log(13) = 2.56 nats
+    prompts = partly_masked_prompts(10)
+    backwards = []
+    for bound in (0.05, 6.0, 40.0):
+        tokens, record = boe.generate(model, prompts, 4, "boe", boe.SamplerConfig(entropy_bound=bound))
+        assert torch.equal(tokens, reference_boe_fixed(model, prompts, 4, bound))
+        backwards.append(int(record["backwards"].sum()))
+    assert backwards[0] > backwards[1] > backwards[2] == 0, "the bounds must skip none, some and every backward"
 
 
 # -----------------------------------------------------------------------------

@@ -700,11 +700,11 @@ def backward_cost(model, prompts, sparse, repeats=15):
     return max(sorted(ratios)[len(ratios) // 2] - 1, 0.0)
 
 
-def time_backward():
-    print(f"BoE's backward beyond a plain forward, in forwards (batch 512, median of 15; boe.py counts "
+def time_backward(instances=512):
+    print(f"BoE's backward beyond a plain forward, in forwards (batch {instances}, median of 15; boe.py counts "
           f"{BACKWARD_COST:g}):")
     for task in tasks.TASKS.values():
-        prompts, _ = task.make_instances(512, seed=1)
+        prompts, _ = task.make_instances(instances, seed=1)
         model = suite_model(task, 0)
         print(f"  {task.name:<10} active rows {backward_cost(model, prompts, True):.2f}   dense "
               f"{backward_cost(model, prompts, False):.2f}")
@@ -775,14 +775,12 @@ def main():
     suite.add_argument("--temperature", type=float, default=0.0, help="every rule commits a sample from "
                        "p ** (1 / T); 0 = the argmax (the README's tables)")
     for name, default in (("tune", TUNING), ("picks", 300), ("fidelity", 250), ("ablations", INSTANCES),
-                          ("noise", INSTANCES)):
+                          ("noise", INSTANCES), ("time-backward", 512), ("loss", 2000)):
         commands.add_parser(name).add_argument("--instances", type=int, default=default)
     show_args = commands.add_parser("show", help="one decoding by every rule")
     show_args.add_argument("instance", type=int)
     show_args.add_argument("--task", default="marks", choices=list(tasks.TASKS))
     show_args.add_argument("--steps", type=int, default=3, help="budget of the fixed-schedule rules")
-    commands.add_parser("time-backward")
-    commands.add_parser("loss", help="each model's training loss on tuning instances")
     commands.add_parser("train").add_argument("--retrain", action="store_true")
     args = parser.parse_args()
     if getattr(args, "instances", 1) < 1 or getattr(args, "instance", 0) < 0 or getattr(args, "steps", 1) < 1:
@@ -814,13 +812,9 @@ def main():
                 suite_model(task, seed, args.retrain)
     elif args.command == "show":
         show(args.task, args.instance, args.steps)
-    elif args.command == "time-backward":
-        time_backward()
-    elif args.command == "loss":
-        model_loss()
     else:
-        dict(tune=tune, picks=picks, fidelity=fidelity, ablations=ablations, noise=weight_noise)[args.command](
-            args.instances)
+        dict(tune=tune, picks=picks, fidelity=fidelity, ablations=ablations, noise=weight_noise, loss=model_loss,
+             **{"time-backward": time_backward})[args.command](args.instances)
 
 
 if __name__ == "__main__":

@@ -222,8 +222,8 @@ def test_measurement_commands_run_on_the_shipped_models():
     assert "boe (paper, rho=1/2)" in run("ablations", "--instances", "10")
     shown = run("show", "0", "--task", "countdown", "--steps", "2")
     assert "boe-adaptive:" in shown and "step 1:" in shown
-    assert "active rows" in run("time-backward")
-    assert "floor:" in run("loss")
+    assert "active rows" in run("time-backward", "--instances", "16")
+    assert "floor:" in run("loss", "--instances", "100")
     noise = run("noise", "--instances", "10")
     assert "s = 1e-06" in noise and "boe-adaptive gamma 0.1" in noise and "countdown" in noise
 

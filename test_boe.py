@@ -713,25 +713,31 @@ def test_main_job_prints_every_rule_and_writes_json(tmp_path):
     assert "compute frontier" in result.stdout and result.stdout.count("   *") >= 1
 
 
-def test_main_job_fails_before_training_where_its_outputs_cannot_be_written(tmp_path):
+def refusal(monkeypatch, capsys, *argv):
+    """boe.py's main job run in this process with `argv`, expecting a refusal before any work: argparse's
+    exit status 2 and no training. Returns stderr, for the message."""
+    monkeypatch.setattr(sys, "argv", ["boe.py", *argv])
+    with pytest.raises(SystemExit) as stop:
+        boe.main()
+    out = capsys.readouterr()
+    assert stop.value.code == 2 and "train step" not in out.out, out.err
+    return out.err
+
+
+def test_main_job_fails_before_training_where_its_outputs_cannot_be_written(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "a-file"  # a file where the path wants a folder: unwritable, even for root
     blocker.write_text("")
     for outputs in (["--cache", str(blocker / "m.pt")], ["--cache", str(tmp_path)],
                     ["--json", str(blocker / "rows.json"), "--cache", str(tmp_path / "m.pt")]):
-        result = subprocess.run([sys.executable, "boe.py", "--train-steps", "30", *outputs], capture_output=True,
-                                text=True, timeout=120)
-        assert result.returncode == 2 and "cannot write" in result.stderr, result.stderr
-        assert "train step" not in result.stdout
+        assert "cannot write" in refusal(monkeypatch, capsys, "--train-steps", "30", *outputs)
     assert not (tmp_path / "m.pt").exists()
 
 
 @pytest.mark.parametrize("bad, message", [(["--temperature", "-1"], "--temperature must be"),
                                           (["--temperature", "inf"], "--temperature must be"),
                                           (["--steps", "0"], "must be >= 1")])
-def test_main_job_rejects_bad_options_before_training(tmp_path, bad, message):
-    result = subprocess.run([sys.executable, "boe.py", "--cache", str(tmp_path / "m.pt"), *bad], capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 2 and message in result.stderr and "train step" not in result.stdout, result.stderr
+def test_main_job_rejects_bad_options_before_training(tmp_path, monkeypatch, capsys, bad, message):
+    assert message in refusal(monkeypatch, capsys, "--cache", str(tmp_path / "m.pt"), *bad)
 
 
 def test_main_job_decodes_without_triton(tmp_path):

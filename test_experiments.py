@@ -234,26 +234,28 @@ def test_suite_plot_writes_a_png_per_task(tmp_path):
     assert (tmp_path / "frontier-marks.png").stat().st_size > 1000
 
 
-def refusal(*argv):
-    """Runs `python *argv` in this folder, expecting a refusal before any work: exit status 2 (argparse's),
-    nothing on stdout. Returns stderr, for the message."""
-    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60,
-                            cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert result.returncode == 2 and not result.stdout, result.stderr
-    return result.stderr
+def refusal(monkeypatch, capsys, *argv):
+    """experiments.py's command line run in this process with `argv`, expecting a refusal before any work:
+    argparse's exit status 2 and nothing on stdout. Returns stderr, for the message."""
+    monkeypatch.setattr(sys, "argv", ["experiments.py", *argv])
+    with pytest.raises(SystemExit) as stop:
+        experiments.main()
+    out = capsys.readouterr()
+    assert stop.value.code == 2 and not out.out, out.err
+    return out.err
 
 
-def test_suite_outputs_that_cannot_be_written_fail_before_the_run(tmp_path):
+def test_suite_outputs_that_cannot_be_written_fail_before_the_run(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "a-file"  # a file where the path wants a folder: unwritable, even for root
     blocker.write_text("")
     for option in ("--json", "--plot"):
-        assert "cannot write" in refusal("experiments.py", "suite", option, str(blocker / "out"))
+        assert "cannot write" in refusal(monkeypatch, capsys, "suite", option, str(blocker / "out"))
 
 
-def test_suite_plot_without_matplotlib_fails_before_the_run(tmp_path):
-    code = "import sys, runpy; sys.modules['matplotlib'] = None; runpy.run_path('experiments.py', run_name='__main__')"
-    assert "--plot needs matplotlib" in refusal("-c", code, "suite", "--plot", str(tmp_path))
+def test_suite_plot_without_matplotlib_fails_before_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert "--plot needs matplotlib" in refusal(monkeypatch, capsys, "suite", "--plot", str(tmp_path))
 
 
-def test_suite_rejects_a_bad_temperature_before_the_run():
-    assert "--temperature must be" in refusal("experiments.py", "suite", "--temperature", "-0.5")
+def test_suite_rejects_a_bad_temperature_before_the_run(monkeypatch, capsys):
+    assert "--temperature must be" in refusal(monkeypatch, capsys, "suite", "--temperature", "-0.5")

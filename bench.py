@@ -430,6 +430,14 @@ def boe_step_functions(device, dtype):
             return boe.boe_step(tokens, masked, budget, table, model.forward_embeds, mask_id, cfg, progress=0.5)[1]
         return run
 
+    # A BoE step skips its backward where it has nothing to steer (nearly certain predictions); random
+    # weights predict far from that, but a timing of a step without its backward would mislead, so check.
+    for cfg in (default, paper):
+        with torch.no_grad():
+            charged = boe.boe_step(tokens, masked, budget, table, model.forward_embeds, mask_id, cfg, progress=0.5)[3]
+        if not charged.all():
+            raise RuntimeError(f"the BoE step would skip its backward on {int((~charged).sum())} rows; nothing to time")
+
     return description, {"confidence step": confidence,
                          BOE_GOAL_STEP: step(default),
                          "BoE step, dense backward": step(replace(default, sparse_backward=False)),

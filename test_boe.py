@@ -542,6 +542,16 @@ def test_adaptive_boe_is_entropy_bound_wherever_it_does_not_pick():
     assert any(picked) and not all(picked), "the test needs rows that are stuck and rows that are not"
 
 
+def reference_predictions(model, tokens, masked):
+    """A reference decoder's step: the forward and the backward for every row, whatever the step needs.
+    Logits [B, L, V] (float32, [MASK] at -inf), g = dH/de [B, L, D], probabilities and entropies [B, L]."""
+    logits, grad = boe.entropy_gradient(model.forward_embeds, model.embed(tokens), masked, boe.MASK, masked)
+    logits = logits.float()
+    logits[..., boe.MASK] = -math.inf
+    probs = logits.softmax(-1)  # [B, L, V]
+    return logits, grad, probs, boe.entropy(probs)
+
+
 def reference_boe_adaptive(model, prompts, bound, pick):
     """Adaptive BoE written out step by step, with the forward and the backward run for every row at every
     step whether or not it is needed: the entropy bound's count, and where BoE picks, its best-scoring
@@ -551,11 +561,7 @@ def reference_boe_adaptive(model, prompts, bound, pick):
         masked = tokens == boe.MASK  # [B, L]
         if not masked.any():
             break
-        logits, grad = boe.entropy_gradient(model.forward_embeds, model.embed(tokens), masked, boe.MASK, masked)
-        logits = logits.float()
-        logits[..., boe.MASK] = -math.inf
-        probs = logits.softmax(-1)  # [B, L, V]
-        own = boe.entropy(probs)  # [B, L]
+        logits, grad, probs, own = reference_predictions(model, tokens, masked)
         count = boe.entropy_bound_count(own, masked, bound)  # [B]
         scores = boe.boe_scores(grad.norm(dim=-1) * masked, masked, probs.max(-1).values, own, 1 - t / prompts.shape[1],
                                 boe.SamplerConfig())  # [B, L]
@@ -592,11 +598,8 @@ def reference_boe_fixed(model, prompts, steps, bound):
         masked = tokens == boe.MASK  # [B, L]
         if not masked.any():
             break
-        logits, grad = boe.entropy_gradient(model.forward_embeds, model.embed(tokens), masked, boe.MASK, masked)
-        logits = logits.float()
-        logits[..., boe.MASK] = -math.inf
-        probs = logits.softmax(-1)  # [B, L, V]
-        own, confidence = boe.entropy(probs), probs.max(-1).values  # [B, L], [B, L]
+        logits, grad, probs, own = reference_predictions(model, tokens, masked)
+        confidence = probs.max(-1).values  # [B, L]
         delta = (table[logits.argmax(-1)] - table[boe.MASK]) * masked[..., None]  # [B, L, D]
         influence = boe.influence_scores(grad, delta, probs, masked, cfg)  # [B, L]
         scores = boe.boe_scores(influence, masked, confidence, own, (steps - t) / steps, cfg)  # [B, L]

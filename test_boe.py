@@ -978,6 +978,29 @@ def test_readme_example_decodes_on_the_stand_in_and_keeps_the_prompt():
     assert routed == 2 * 3 * len(model.attentions)
 
 
+def test_readme_example_adaptive_stops_calling_the_model_when_a_block_is_done():
+    namespace = {}
+    exec(readme_example(), namespace)
+    model = stand_in(torch.float32, seed=3)
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(1))
+    prompt = torch.randint(0, STAND_IN_MASK, (2, 6), generator=torch.Generator().manual_seed(3))  # [B, P]
+    # An unbounded entropy bound reveals a whole block in its first step: one forward a block (each routed,
+    # since before it a backward may follow).
+    cfg = boe.SamplerConfig(entropy_bound=math.inf)
+    tokens, routed = namespace["generate_boe"](model, prompt, STAND_IN_MASK, gen_length=16, block_length=8,
+                                               steps=8, cfg=cfg, adaptive=True)
+    assert torch.equal(tokens[:, :6], prompt) and not (tokens == STAND_IN_MASK).any()
+    assert len(calls) == 2 and routed == 2 * len(model.attentions)
+    # The default bound: every step with something left in its block runs one forward, at most 4 a block.
+    calls.clear()
+    tokens, routed = namespace["generate_boe"](model, prompt, STAND_IN_MASK, gen_length=16, block_length=8,
+                                               steps=8, adaptive=True)
+    assert not (tokens == STAND_IN_MASK).any() and 2 <= len(calls) <= 8
+    with pytest.raises(ValueError, match="multiple of block_length"):
+        namespace["generate_boe"](model, prompt, STAND_IN_MASK, gen_length=16, block_length=5, steps=8)
+
+
 def test_boe_step_runs_when_pasted_with_the_pieces_its_docstring_lists():
     # boe_step's docstring says what a paste into another project needs: section 4 with `entropy`,
     # `top_masked`, `entropy_bound_count`, SamplerConfig and the input checks. Run exactly those, with

@@ -959,11 +959,11 @@ def test_router_restores_sdpa_on_exit_and_on_an_exception():
     assert counts == {"routed": 0, "passed": 0}
 
 
-def readme_example():
-    """The code of README.md's "Use it with your model" section."""
+def readme_example(index=0):
+    """The code of the index-th Python block of README.md's "Use it with your model" section."""
     readme = open(os.path.join(os.path.dirname(__file__), "README.md")).read()
-    section = readme[readme.index("## Use it with your model"):]
-    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    section = readme[readme.index("## Use it with your model"):readme.index("## Testing")]
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)[index]
 
 
 def test_readme_example_decodes_on_the_stand_in_and_keeps_the_prompt():
@@ -999,6 +999,30 @@ def test_readme_example_adaptive_stops_calling_the_model_when_a_block_is_done():
     assert not (tokens == STAND_IN_MASK).any() and 2 <= len(calls) <= 8
     with pytest.raises(ValueError, match="multiple of block_length"):
         namespace["generate_boe"](model, prompt, STAND_IN_MASK, gen_length=16, block_length=5, steps=8)
+
+
+def test_readme_next_position_logits_fn_gives_the_exact_gradient_through_one_layer():
+    # Through one attention layer the sparse adjoint is exact when the active rows are every row whose
+    # output the entropy reads. A model that predicts position i from row i - 1 (Dream) reads rows shifted
+    # by one from the masked positions: the README's logits_fn shifts them, and without the shift the
+    # gradient is wrong.
+    torch.manual_seed(0)
+    model = StandInModel(layers=1).double().eval()
+    tokens, masked = stand_in_state(seed=4)
+    embeds = model.get_input_embeddings().weight[tokens].detach()  # [B, L, D]
+    namespace = {"model": model, "torch": torch, "sdpa_active_rows": attn_kernel.sdpa_active_rows}
+    exec(readme_example(1), namespace)
+    shifted = namespace["logits_fn"]
+    _, exact = boe.entropy_gradient(shifted, embeds, masked, STAND_IN_MASK)  # dense: no active rows
+    _, sparse = boe.entropy_gradient(shifted, embeds, masked, STAND_IN_MASK, active=masked)
+    assert torch.allclose(sparse, exact, rtol=1e-9, atol=1e-12)
+
+    def unshifted_rows(embeds, active=None):
+        with attn_kernel.sdpa_active_rows(active):
+            logits = model(inputs_embeds=embeds).logits  # [B, L, V]
+        return torch.cat([logits[:, :1], logits[:, :-1]], 1)  # [B, L, V]
+    _, wrong = boe.entropy_gradient(unshifted_rows, embeds, masked, STAND_IN_MASK, active=masked)
+    assert not torch.allclose(wrong, exact, rtol=1e-3)
 
 
 def test_boe_step_runs_when_pasted_with_the_pieces_its_docstring_lists():

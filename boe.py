@@ -543,6 +543,12 @@ def probe_entropy_gradient(logits, embeds, probes, mask_id=None):
     """g = dH/d embeds [B, L, D] (float32 or wider), H = the summed entropy at the probes (bool [B, L]),
     for `logits` [B, L, V] computed from `embeds` with gradient tracking; the [MASK] column is removed
     before the softmax (an MDM never predicts [MASK]). Rows are independent."""
+    if torch.is_inference_mode_enabled():  # torch.no_grad() can be left (below); inference mode cannot
+        raise RuntimeError("BoE differentiates the model: call it under torch.no_grad(), not torch.inference_mode(), "
+                           "whose tensors can join no autograd graph")
+    if not logits.requires_grad:
+        raise ValueError("the logits carry no graph back to the input embeddings: logits_fn must compute them "
+                         "from its argument with gradient tracking (no torch.no_grad() or .detach() inside)")
     with torch.enable_grad():  # also inside a sampler's no_grad
         if mask_id is not None:
             logits = logits[..., torch.arange(logits.shape[-1], device=logits.device) != mask_id]  # [B, L, V-1]

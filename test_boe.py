@@ -457,10 +457,28 @@ def boe_step_args(**bad):
      r"one logit per row of the embedding table \(V = 14\)"),
     (dict(logits_fn=lambda embeds, active=None: types.SimpleNamespace(logits=embeds)), TypeError,
      "logits_fn must return float logits"),
+    (dict(logits_fn=lambda embeds, active=None: random_model().forward_embeds(embeds).detach()), ValueError,
+     "carry no graph back to the input embeddings"),
+    (dict(cfg=dataclasses.replace(boe.PAPER_BOE, candidates=3),
+          logits_fn=lambda embeds, active=None: random_model().forward_embeds(embeds).detach()),
+     ValueError, "carry no graph back to the input embeddings"),
 ], ids=lambda x: None)
 def test_bad_boe_step_input_gets_a_clear_error(bad, error, match):
     with pytest.raises(error, match=match):
         boe.boe_step(**boe_step_args(**bad))
+
+
+@pytest.mark.parametrize("cfg", [boe.SamplerConfig(), dataclasses.replace(boe.PAPER_BOE, candidates=3)],
+                         ids=["default", "paper-r3"])
+def test_boe_under_inference_mode_gets_a_clear_error(cfg):
+    # BoE's backward needs autograd, which torch.inference_mode() rules out for good (torch.no_grad() is fine).
+    model = random_model()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="not torch.inference_mode"):
+        boe.boe_step(**boe_step_args(cfg=cfg))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="not torch.inference_mode"):
+        boe.generate(model, partly_masked_prompts(2), 3, "boe", cfg)
+    with torch.no_grad():
+        assert boe.boe_step(**boe_step_args(cfg=cfg))[3].any(), "a backward ran"
 
 
 def test_boe_with_one_reveal_per_step_decodes_as_confidence():

@@ -774,14 +774,22 @@ def main():
     suite.add_argument("--json", metavar="PATH", help="also write every row of every model as JSON")
     suite.add_argument("--temperature", type=float, default=0.0, help="every rule commits a sample from "
                        "p ** (1 / T); 0 = the argmax (the README's tables)")
-    for name, default in (("tune", TUNING), ("picks", 300), ("fidelity", 250), ("ablations", INSTANCES),
-                          ("noise", INSTANCES), ("time-backward", 512), ("loss", 2000)):
-        commands.add_parser(name).add_argument("--instances", type=int, default=default)
+    for name, default, what in (
+            ("tune", TUNING, "the grid search behind BoE's defaults, on tuning instances (seed 0)"),
+            ("picks", 300, "how often BoE's pick is wrong, and which token it picks where the bound is stuck"),
+            ("fidelity", 250, "how well TIS ranks reveals against their exact entropy drops"),
+            ("ablations", INSTANCES, "BoE with one of its choices changed at a time"),
+            ("noise", INSTANCES, "how many decodings tiny changes to the weights change"),
+            ("time-backward", 512, "the measured cost of BoE's backward, in forwards"),
+            ("loss", 2000, "each model's training loss, and the built-in task's floor")):
+        commands.add_parser(name, help=what).add_argument("--instances", type=int, default=default,
+                                                          help=f"how many instances (default {default})")
     show_args = commands.add_parser("show", help="one decoding by every rule")
     show_args.add_argument("instance", type=int)
     show_args.add_argument("--task", default="marks", choices=list(tasks.TASKS))
     show_args.add_argument("--steps", type=int, default=3, help="budget of the fixed-schedule rules")
-    commands.add_parser("train").add_argument("--retrain", action="store_true")
+    commands.add_parser("train", help="train every model of the suite that is missing").add_argument(
+        "--retrain", action="store_true", help="train every model again, also where its weights are valid")
     args = parser.parse_args()
     if getattr(args, "instances", 1) < 1 or getattr(args, "instance", 0) < 0 or getattr(args, "steps", 1) < 1:
         parser.error("--instances and --steps must be >= 1, INSTANCE >= 0")

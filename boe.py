@@ -751,6 +751,9 @@ def check_generate_args(model, prompts, steps, order, cfg):
                         f"For another model, call boe_step in a decoding loop of your own")
     if not isinstance(prompts, torch.Tensor) or prompts.dtype != torch.long or prompts.dim() != 2:
         raise TypeError(f"prompts must be an int64 tensor [B, L]; got {describe(prompts)}")
+    weight = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    if weight is not None and weight.device != prompts.device:
+        raise ValueError(f"prompts are on {prompts.device} and the model on {weight.device}: put them on the same device")
     if prompts.shape[1] > model.cfg.seq_len:
         raise ValueError(f"prompts have {prompts.shape[1]} positions, more than the model's seq_len {model.cfg.seq_len}")
     if prompts.numel() and (prompts.min() < 0 or prompts.max() >= model.cfg.vocab_size):
@@ -800,6 +803,9 @@ def check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, re
         raise TypeError(f"tokens must be an integer tensor [B, L]; got {describe(tokens)}")
     if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2 or not embedding.dtype.is_floating_point:
         raise TypeError("embedding must be the model's input embedding table, a float tensor [V, D]")
+    if embedding.device != tokens.device:
+        raise ValueError(f"tokens are on {tokens.device} and the embedding table on {embedding.device}: put them "
+                         f"on the model's device")
     vocab = embedding.shape[0]
     if isinstance(mask_id, bool) or not isinstance(mask_id, numbers.Integral) or not 0 <= mask_id < vocab:
         raise ValueError(f"mask_id must be an int in [0, V = {vocab}); got {mask_id!r}")

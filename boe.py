@@ -550,12 +550,12 @@ def probe_entropy_gradient(logits, embeds, probes, mask_id=None):
         raise ValueError("the logits carry no graph back to the input embeddings: logits_fn must compute them "
                          "from its argument with gradient tracking (no torch.no_grad() or .detach() inside)")
     with torch.enable_grad():  # also inside a sampler's no_grad
+        rows = logits[probes]  # [N, V] the probes' rows only: a long prompt costs no [L, V] float32 copies
         if mask_id is not None:
-            logits = logits[..., torch.arange(logits.shape[-1], device=logits.device) != mask_id]  # [B, L, V-1]
-        precision = torch.promote_types(logits.dtype, torch.float32)  # at least fp32 for the entropy
-        logp = logits.to(precision).log_softmax(-1)  # [B, L, V']
-        probe_entropy = -(logp.exp() * logp).sum(-1)  # [B, L]
-        (grad,) = torch.autograd.grad((probe_entropy * probes).sum(), embeds)  # [B, L, D]
+            rows = rows[:, torch.arange(rows.shape[-1], device=rows.device) != mask_id]  # [N, V-1]
+        precision = torch.promote_types(rows.dtype, torch.float32)  # at least fp32 for the entropy
+        logp = rows.to(precision).log_softmax(-1)  # [N, V']
+        (grad,) = torch.autograd.grad(-(logp.exp() * logp).sum(), embeds)  # [B, L, D]
     return grad.to(precision)
 
 

@@ -652,7 +652,8 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
     with torch.set_grad_enabled(at_state):  # the step's forward, with a graph where a backward may follow
         raw_logits = call_logits_fn(logits_fn, embeds, masked if at_state and cfg.sparse_backward else None,
                                     len(embedding))
-    logits = raw_logits.detach().float()  # [B, L, V]
+    # A copy, also of float32 logits: a model's last op may keep its output for the backward (log_softmax does)
+    logits = raw_logits.detach().to(torch.float32, copy=True)  # [B, L, V]
     logits[..., mask_id] = -math.inf  # the model never proposes [MASK]
     probs = logits.softmax(-1)  # [B, L, V]
     own_entropy = entropy(probs)  # [B, L]

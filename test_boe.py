@@ -174,6 +174,22 @@ def test_fused_step_gives_the_logits_and_influence_of_separate_passes(estimator,
     assert not charged.all() and torch.allclose(influence, want, rtol=1e-12, atol=1e-15)  # no choice: none
 
 
+@pytest.mark.parametrize("cfg", [boe.SamplerConfig(), boe.SamplerConfig(sparse_backward=False),
+                                 dataclasses.replace(boe.PAPER_BOE, candidates=3)], ids=["default", "dense", "paper-r3"])
+def test_boe_step_takes_log_probabilities_as_logits(cfg):
+    # Some models return log-probabilities (log_softmax keeps its output for the backward): the step must not
+    # write into them, and scores and picks are those of the plain logits (softmax ignores a shift).
+    model = random_model()
+    tokens = partly_masked_prompts()
+    args = (tokens, tokens == boe.MASK, torch.full((len(tokens),), 3), model.token_embedding.weight)
+    plain = boe.boe_step(*args, model.forward_embeds, boe.MASK, cfg)
+    log_probs = boe.boe_step(*args, lambda *a, **k: model.forward_embeds(*a, **k).log_softmax(-1), boe.MASK, cfg)
+    assert plain[3].any(), "a backward ran"
+    assert torch.equal(plain[1] == math.inf, log_probs[1] == math.inf), "the same picks"
+    assert torch.allclose(plain[1], log_probs[1], atol=1e-5)
+    assert torch.allclose(plain[0].softmax(-1), log_probs[0].softmax(-1), atol=1e-6)
+
+
 def test_adaptive_boe_picks_its_token_outside_the_set_the_bound_reveals_anyway():
     # With a loose bound the bound admits several positions; BoE's pick (the free token) must come from
     # the others, or the step would reveal the bound's own free token and the backward would be wasted.

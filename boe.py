@@ -555,7 +555,10 @@ def probe_entropy_gradient(logits, embeds, probes, mask_id=None):
             rows = rows[:, torch.arange(rows.shape[-1], device=rows.device) != mask_id]  # [N, V-1]
         precision = torch.promote_types(rows.dtype, torch.float32)  # at least fp32 for the entropy
         logp = rows.to(precision).log_softmax(-1)  # [N, V']
-        (grad,) = torch.autograd.grad(-(logp.exp() * logp).sum(), embeds)  # [B, L, D]
+        (grad,) = torch.autograd.grad(-(logp.exp() * logp).sum(), embeds, allow_unused=True)  # [B, L, D]
+    if grad is None:
+        raise ValueError("the logits do not depend on the input embeddings: logits_fn must feed its argument to the "
+                         "model (for a Hugging Face model, as inputs_embeds)")
     return grad.to(precision)
 
 

@@ -479,6 +479,8 @@ def boe_step_args(**bad):
     (dict(cfg=dataclasses.replace(boe.PAPER_BOE, candidates=3),
           logits_fn=lambda embeds, active=None: random_model().forward_embeds(embeds).detach()),
      ValueError, "carry no graph back to the input embeddings"),
+    (dict(logits_fn=lambda embeds, active=None: random_model().forward_embeds(torch.zeros_like(embeds))),
+     ValueError, "the logits do not depend on the input embeddings"),
 ], ids=lambda x: None)
 def test_bad_boe_step_input_gets_a_clear_error(bad, error, match):
     with pytest.raises(error, match=match):

@@ -205,7 +205,7 @@ def run_suite(task_names, seeds, instances, steps_override=None, temperature=0.0
     rule commits at `temperature` (0: the argmax)."""
     results = {}
     for name in task_names:
-        task = tasks.TASKS[name]
+        task = tasks.ALL_TASKS[name]
         prompts, _ = task.make_instances(instances, seed=1)
         solved = lambda tokens: task.check(prompts, tokens)  # noqa: E731
         rows = rule_rows(steps_override or task.steps, answer_length(prompts, task), temperature=temperature)
@@ -236,7 +236,7 @@ def pooled(rows):
 
 def print_suite(results):
     for name, by_rule in results.items():
-        task = tasks.TASKS[name]
+        task = tasks.ALL_TASKS[name]
         models = len(next(iter(by_rule.values())))
         per_model_frontier = [frontier([rows[m] for rows in by_rule.values()]) for m in range(models)]
         print(f"\n{name} ({task.kind}): {models} models, mean over them; range = lowest and highest model; "
@@ -285,7 +285,7 @@ def plot_suite(results, folder):
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel(f"forward-equivalents per instance (a backward = {BACKWARD_COST:g} forwards)")
         ax.set_ylabel("accuracy")
-        ax.set_title(f"{name}, mean of {len(next(iter(by_rule.values())))} models\n{tasks.TASKS[name].kind}",
+        ax.set_title(f"{name}, mean of {len(next(iter(by_rule.values())))} models\n{tasks.ALL_TASKS[name].kind}",
                      fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
@@ -378,7 +378,7 @@ def pick_study(instances):
           "the same step (seed-0 model, evaluation instances)")
     print(f"{'task':<11}{'sampler':<22}{'picks':>7}{'BoE wrong':>11}{'confidence wrong':>18}"
           f"{'H(BoE pick)':>13}{'H(confidence)':>15}")
-    for task in tasks.TASKS.values():
+    for task in tasks.ALL_TASKS.values():
         prompts, _ = task.make_instances(instances, seed=1)
         model = suite_model(task, 0)
         for label, order, steps_list in (("boe, fixed schedule", "boe", task.steps[:-1]),
@@ -449,7 +449,7 @@ def stuck_choices(instances, bound=0.1):
           f"is the exact one (the largest drop of the others' entropy)")
     print(f"{'task':<11}{'states':>8}{'|g|':>8}{'|g| (-log c)':>14}{'|g| H':>8}{'tangent':>9}{'most uncertain':>16}"
           f"{'least uncertain':>17}")
-    for task in tasks.TASKS.values():
+    for task in tasks.ALL_TASKS.values():
         prompts, _ = task.make_instances(instances, seed=1)
         model = suite_model(task, 0)
         found = []
@@ -654,7 +654,7 @@ def ablations(instances):
 
 def show(task_name, instance, steps):
     """One instance decoded by every rule, step by step, as text."""
-    task = tasks.TASKS[task_name]
+    task = tasks.ALL_TASKS[task_name]
     model = suite_model(task, 0)
     prompts, _ = task.make_instances(instance + 1, seed=1)
     prompt = prompts[instance:]  # [1, L]
@@ -703,7 +703,7 @@ def backward_cost(model, prompts, sparse, repeats=15):
 def time_backward(instances=512):
     print(f"BoE's backward beyond a plain forward, in forwards (batch {instances}, median of 15; boe.py counts "
           f"{BACKWARD_COST:g}):")
-    for task in tasks.TASKS.values():
+    for task in tasks.ALL_TASKS.values():
         prompts, _ = task.make_instances(instances, seed=1)
         model = suite_model(task, 0)
         print(f"  {task.name:<10} active rows {backward_cost(model, prompts, True):.2f}   dense "
@@ -716,7 +716,7 @@ def model_loss(instances=2000):
     position) on tuning instances: where training stopped. On the built-in task the least it can be is
     the entropy of the free choice, E[log k] / 9 nats a position (k open cells, 9 answer positions)."""
     print(f"Masked-diffusion loss per answer position on {instances} tuning instances (seed 0), each model:")
-    for task in tasks.TASKS.values():
+    for task in tasks.ALL_TASKS.values():
         prompts, answers = task.make_instances(instances, seed=0)
         losses = []
         for seed in SEEDS:
@@ -740,7 +740,7 @@ def weight_noise(instances, scales=(1e-6, 1e-5, 1e-4)):
     default = boe.SamplerConfig()
     print(f"Decodings that change when every weight is scaled by 1 + s N(0, 1), of {instances} evaluation "
           f"instances (seed 1), seed-0 models; accuracy before -> after")
-    for task in tasks.TASKS.values():
+    for task in tasks.ALL_TASKS.values():
         prompts, _ = task.make_instances(instances, seed=1)
         accuracy = lambda tokens: task.check(prompts, tokens).double().mean().item()  # noqa: E731
         cap = answer_length(prompts, task)
@@ -769,7 +769,7 @@ def main():
     commands = parser.add_subparsers(dest="command", required=True)
     suite = commands.add_parser("suite", help="every rule on every task, over the trained models")
     suite.add_argument("--quick", action="store_true", help="one model a task, 40 instances, two budgets (for CI)")
-    suite.add_argument("--tasks", nargs="+", default=list(tasks.TASKS), choices=list(tasks.TASKS))
+    suite.add_argument("--tasks", nargs="+", default=list(tasks.ALL_TASKS), choices=list(tasks.ALL_TASKS))
     suite.add_argument("--plot", metavar="DIR", help="also write DIR/frontier-TASK.png (needs matplotlib)")
     suite.add_argument("--json", metavar="PATH", help="also write every row of every model as JSON")
     suite.add_argument("--temperature", type=float, default=0.0, help="every rule commits a sample from "
@@ -786,7 +786,7 @@ def main():
                                                           help=f"how many instances (default {default})")
     show_args = commands.add_parser("show", help="one decoding by every rule")
     show_args.add_argument("instance", type=int)
-    show_args.add_argument("--task", default="marks", choices=list(tasks.TASKS))
+    show_args.add_argument("--task", default="marks", choices=list(tasks.ALL_TASKS))
     show_args.add_argument("--steps", type=int, default=3, help="budget of the fixed-schedule rules")
     commands.add_parser("train", help="train every model of the suite that is missing").add_argument(
         "--retrain", action="store_true", help="train every model again, also where its weights are valid")
@@ -815,7 +815,7 @@ def main():
         if args.plot:
             plot_suite(results, args.plot)
     elif args.command == "train":
-        for task in tasks.TASKS.values():
+        for task in tasks.ALL_TASKS.values():
             for seed in SEEDS:
                 suite_model(task, seed, args.retrain)
     elif args.command == "show":

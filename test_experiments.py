@@ -18,7 +18,7 @@ import tasks
 def brute_force_answers(task, prompt):
     """Every filling of the prompt's [MASK] positions with the task's answer tokens, [N, L]."""
     holes = torch.nonzero(prompt == task.model_cfg.mask_id).flatten()
-    values = {"marks": [boe.UNMARKED, boe.MARKED], "sudoku": range(4),
+    values = {"marks": [boe.UNMARKED, boe.MARKED], "sudoku": range(4), "latin": range(4),
               "countdown": range(tasks.CD_MINUS + 1)}[task.name]
     fillings = torch.tensor(list(itertools.product(values, repeat=len(holes))))  # [N, holes]
     answers = prompt.repeat(len(fillings), 1)  # [N, L]
@@ -29,13 +29,13 @@ def brute_force_answers(task, prompt):
     return answers
 
 
-@pytest.mark.parametrize("name", list(tasks.TASKS))
+@pytest.mark.parametrize("name", list(tasks.ALL_TASKS))
 def test_checker_accepts_exactly_the_brute_force_solutions(name):
-    task = tasks.TASKS[name]
+    task = tasks.ALL_TASKS[name]
     prompts, answers = task.make_instances(3, seed=5)
-    if name == "sudoku":  # 4^10 fillings is too many: give back 4 of the 10 holes
+    if name in ("sudoku", "latin"):  # 4^10 or 4^12 fillings are too many: keep 6 or 8 holes
         for prompt, answer in zip(prompts, answers):
-            holes = torch.nonzero(prompt == tasks.SUDOKU_MASK).flatten()[:4]
+            holes = torch.nonzero(prompt == task.model_cfg.mask_id).flatten()[:4]
             prompt[holes] = answer[holes]
     for prompt, answer in zip(prompts, answers):
         candidates = brute_force_answers(task, prompt)  # [N, L]
@@ -45,10 +45,10 @@ def test_checker_accepts_exactly_the_brute_force_solutions(name):
         assert len(want) >= 1 and len(accepted) < len(candidates)
 
 
-@pytest.mark.parametrize("name", list(tasks.TASKS))
+@pytest.mark.parametrize("name", list(tasks.ALL_TASKS))
 def test_checker_rejects_every_near_miss(name):
     # One token of a valid answer changed to any other id: never valid unless it is another solution.
-    task = tasks.TASKS[name]
+    task = tasks.ALL_TASKS[name]
     prompts, answers = task.make_instances(20, seed=6)
     for prompt, answer in zip(prompts, answers):
         solutions = {tuple(row) for row in task.solutions(prompt).tolist()}
@@ -84,9 +84,19 @@ def test_countdown_evaluation_prompts_never_reach_training():
         assert tasks.countdown_check(prompts, answers).all()
 
 
-@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_latin_puzzles_leave_several_completions_and_training_sees_whole_squares():
+    assert len(tasks.SQUARES) == 576 and bool(tasks.latin_valid(tasks.SQUARES).all())
+    prompts, answers = tasks.LATIN.make_instances(200, 1)
+    assert ((prompts == tasks.LATIN_MASK).sum(1) == tasks.LATIN_HOLES).all() and tasks.latin_check(prompts, answers).all()
+    completions = torch.tensor([len(tasks.latin_solutions(p)) for p in prompts]).float()  # [200]
+    assert 4 < completions.mean() < 8 and (completions > 1).float().mean() > 0.9
+    prompts, answers = tasks.LATIN.training_batch(128, -1)
+    assert (prompts == tasks.LATIN_MASK).all() and tasks.latin_valid(answers).all()
+
+
+@pytest.mark.parametrize("name", list(tasks.ALL_TASKS))
 def test_tuning_and_evaluation_instances_differ_and_repeat(name):
-    task = tasks.TASKS[name]
+    task = tasks.ALL_TASKS[name]
     tuning, _ = task.make_instances(50, 0)
     evaluation, _ = task.make_instances(50, 1)
     assert torch.equal(evaluation, task.make_instances(50, 1)[0])
@@ -207,7 +217,7 @@ def test_lookahead_with_a_bad_k_gets_a_clear_error(k):
 
 def test_suite_quick_runs_every_rule_on_every_task():
     out = run("suite", "--quick")
-    for name in tasks.TASKS:
+    for name in tasks.ALL_TASKS:
         assert f"\n{name} (" in out
     for rule in (*boe.ORDERS, "lookahead"):
         assert f"\n{rule} " in out
@@ -215,7 +225,7 @@ def test_suite_quick_runs_every_rule_on_every_task():
 
 def test_measurement_commands_run_on_the_shipped_models():
     tuned = run("tune", "--instances", "4")
-    assert "boe: mean accuracy over tasks" in tuned and "adaptive_pick=" in tuned
+    assert "boe: mean accuracy over tasks (marks, sudoku, countdown)" in tuned and "adaptive_pick=" in tuned
     picked = run("picks", "--instances", "10")
     assert "BoE wrong" in picked and "first pick on marks" in picked and "seed 2" in picked
     assert "estimate vs lookahead" in run("fidelity", "--instances", "6")
@@ -225,7 +235,7 @@ def test_measurement_commands_run_on_the_shipped_models():
     assert "active rows" in run("time-backward", "--instances", "16")
     assert "floor:" in run("loss", "--instances", "100")
     noise = run("noise", "--instances", "10")
-    assert "s = 1e-06" in noise and "boe-adaptive gamma 0.1" in noise and "countdown" in noise
+    assert "s = 1e-06" in noise and "boe-adaptive gamma 0.1" in noise and "latin" in noise
 
 
 def test_suite_plot_writes_a_png_per_task(tmp_path):

@@ -19,6 +19,7 @@ asking whether a partly decoded row can still be completed). Tuning instances co
 evaluation instances from seed 1; Sudoku and Countdown keep every instance that evaluation can draw out
 of training (held-out grids; held-out prompts).
 """
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Callable
@@ -87,27 +88,36 @@ UNITS = torch.tensor([[4 * r + c for c in range(4)] for r in range(4)] + [[4 * r
                      + [[4 * (br + r) + bc + c for r in range(2) for c in range(2)] for br in (0, 2) for bc in (0, 2)])
 
 
+def grid_valid(grids, units):
+    """bool [n]: each unit (cells [U, 4]: rows, columns, boxes) of each [n, 16] grid holds the digits 0..3 once."""
+    return (grids[:, units].sort(-1).values == torch.arange(4)).all(-1).all(-1)  # [n]
+
+
 def sudoku_valid(grids):
-    """bool [n]: each unit (row, column, box) of each [n, 16] grid holds the digits 0..3 once."""
-    return (grids[:, UNITS].sort(-1).values == torch.arange(4)).all(-1).all(-1)  # [n]
+    return grid_valid(grids, UNITS)  # [n]
 
 
-def all_grids():
-    """The 288 valid 4x4 Sudoku grids [288, 16]: every choice of four rows that are permutations, filtered."""
+def all_grids(valid):
+    """Every 4x4 grid whose four rows are permutations and which `valid` accepts, [N, 16]."""
     rows = torch.tensor(list(itertools.permutations(range(4))))  # [24, 4]
     boards = torch.cartesian_prod(*[torch.arange(24)] * 4)  # [24^4, 4] four row choices
     full = rows[boards].reshape(-1, 16)  # [331776, 16]
-    return full[sudoku_valid(full)]
+    return full[valid(full)]
 
 
-GRIDS = all_grids()  # [288, 16]
+GRIDS = all_grids(sudoku_valid)  # [288, 16]
 HELD_OUT = torch.randperm(len(GRIDS), generator=torch.Generator().manual_seed(2026))[: len(GRIDS) // 4]  # [72]
 TRAIN_GRIDS = GRIDS[~torch.isin(torch.arange(len(GRIDS)), HELD_OUT)]  # [216, 16]
 
 
-def sudoku_solutions(prompt):
+def grid_solutions(grids, prompt):
+    """The grids that agree with every given cell of `prompt` [16]: [S, 16]."""
     given = prompt != SUDOKU_MASK  # [16]
-    return GRIDS[(GRIDS[:, given] == prompt[given]).all(1)]  # [S, 16]
+    return grids[(grids[:, given] == prompt[given]).all(1)]  # [S, 16]
+
+
+def sudoku_solutions(prompt):
+    return grid_solutions(GRIDS, prompt)  # [S, 16]
 
 
 def sudoku_instances(n, seed):
@@ -130,20 +140,22 @@ def sudoku_instances(n, seed):
     return torch.stack(prompts), torch.stack(answers)  # [n, 16] each
 
 
-def sudoku_training_batch(n, seed):
-    """Whole training grids, every cell an answer position: training masks a random fraction of them."""
-    grids = TRAIN_GRIDS[torch.randint(len(TRAIN_GRIDS), (n,), generator=torch.Generator().manual_seed(seed))]  # [n, 16]
-    return torch.full_like(grids, SUDOKU_MASK), grids
+def grid_training_batch(grids, n, seed):
+    """n of `grids`, whole, every cell an answer position: training masks a random fraction of them."""
+    chosen = grids[torch.randint(len(grids), (n,), generator=torch.Generator().manual_seed(seed))]  # [n, 16]
+    return torch.full_like(chosen, SUDOKU_MASK), chosen
 
 
-def sudoku_check(prompts, tokens):
+def grid_check(valid, prompts, tokens):
+    """bool [n]: `valid` accepts the grid, and it keeps every given cell of its prompt."""
     given = prompts != SUDOKU_MASK  # [n, 16]
-    return sudoku_valid(tokens) & ((tokens == prompts) | ~given).all(1)  # [n]
+    return valid(tokens) & ((tokens == prompts) | ~given).all(1)  # [n]
 
 
 SUDOKU = Task("sudoku", "epistemic: one solution, on a grid the model never saw",
-              boe.ModelConfig(vocab_size=5, mask_id=SUDOKU_MASK, seq_len=16), sudoku_instances, sudoku_training_batch,
-              sudoku_check, sudoku_solutions, "1234_", (2, 3, 5, 10), train_steps=3000)
+              boe.ModelConfig(vocab_size=5, mask_id=SUDOKU_MASK, seq_len=16), sudoku_instances,
+              functools.partial(grid_training_batch, TRAIN_GRIDS), functools.partial(grid_check, sudoku_valid),
+              sudoku_solutions, "1234_", (2, 3, 5, 10), train_steps=3000)
 
 
 # -----------------------------------------------------------------------------
@@ -236,28 +248,19 @@ TASKS = {task.name: task for task in (MARKS, SUDOKU, COUNTDOWN)}  # every study'
 # completions, with every cell constraining its row and column. Cells committed together from their
 # marginals can clash.
 
-LATIN_MASK = 4
+LATIN_MASK = SUDOKU_MASK  # the grid tasks share their tokens
 LATIN_HOLES = 12
-LATIN_UNITS = UNITS[:8]  # rows and columns
 
 
 def latin_valid(grids):
-    """bool [n]: each row and column of each [n, 16] grid holds the symbols 0..3 once."""
-    return (grids[:, LATIN_UNITS].sort(-1).values == torch.arange(4)).all(-1).all(-1)  # [n]
+    return grid_valid(grids, UNITS[:8])  # [n] rows and columns, no boxes
 
 
-def all_latin_squares():
-    rows = torch.tensor(list(itertools.permutations(range(4))))  # [24, 4]
-    full = rows[torch.cartesian_prod(*[torch.arange(24)] * 4)].reshape(-1, 16)  # [24^4, 16]
-    return full[latin_valid(full)]  # [576, 16]
-
-
-SQUARES = all_latin_squares()  # [576, 16]
+SQUARES = all_grids(latin_valid)  # [576, 16]
 
 
 def latin_solutions(prompt):
-    given = prompt != LATIN_MASK  # [16]
-    return SQUARES[(SQUARES[:, given] == prompt[given]).all(1)]  # [S, 16]
+    return grid_solutions(SQUARES, prompt)  # [S, 16]
 
 
 def latin_instances(n, seed):
@@ -268,19 +271,9 @@ def latin_instances(n, seed):
     return answers.masked_fill(holes, LATIN_MASK), answers
 
 
-def latin_training_batch(n, seed):
-    """Whole squares, every cell an answer position: training masks a random fraction of them."""
-    squares = SQUARES[torch.randint(len(SQUARES), (n,), generator=torch.Generator().manual_seed(seed))]  # [n, 16]
-    return torch.full_like(squares, LATIN_MASK), squares
-
-
-def latin_check(prompts, tokens):
-    given = prompts != LATIN_MASK  # [n, 16]
-    return latin_valid(tokens) & ((tokens == prompts) | ~given).all(1)  # [n]
-
-
 LATIN = Task("latin", "aleatoric: several completions, each cell constrains its row and column",
-             boe.ModelConfig(vocab_size=5, mask_id=LATIN_MASK, seq_len=16), latin_instances, latin_training_batch,
-             latin_check, latin_solutions, "1234_", (2, 3, 5, LATIN_HOLES))
+             boe.ModelConfig(vocab_size=5, mask_id=LATIN_MASK, seq_len=16), latin_instances,
+             functools.partial(grid_training_batch, SQUARES), functools.partial(grid_check, latin_valid),
+             latin_solutions, "1234_", (2, 3, 5, LATIN_HOLES))
 HELD_OUT_TASKS = {LATIN.name: LATIN}  # in the suite only, never in a tuning run
 ALL_TASKS = TASKS | HELD_OUT_TASKS

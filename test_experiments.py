@@ -87,7 +87,7 @@ def test_countdown_evaluation_prompts_never_reach_training():
 def test_latin_puzzles_leave_several_completions_and_training_sees_whole_squares():
     assert len(tasks.SQUARES) == 576 and bool(tasks.latin_valid(tasks.SQUARES).all())
     prompts, answers = tasks.LATIN.make_instances(200, 1)
-    assert ((prompts == tasks.LATIN_MASK).sum(1) == tasks.LATIN_HOLES).all() and tasks.latin_check(prompts, answers).all()
+    assert ((prompts == tasks.LATIN_MASK).sum(1) == tasks.LATIN_HOLES).all() and tasks.LATIN.check(prompts, answers).all()
     completions = torch.tensor([len(tasks.latin_solutions(p)) for p in prompts]).float()  # [200]
     assert 4 < completions.mean() < 8 and (completions > 1).float().mean() > 0.9
     prompts, answers = tasks.LATIN.training_batch(128, -1)

@@ -488,9 +488,40 @@ def stuck_choices(instances, bound=0.1):
         print(f"{task.name:<11}{len(states):>8}" + "".join(f"{a:>{w}.0%}" for a, w in zip(agree, (8, 14, 8, 9, 16, 17))))
 
 
+def where_failures_begin(instances):
+    """Adaptive BoE's failed decodings (seed-0 models): the first step after which no valid answer agrees with
+    the row, and whether BoE picked at that step or the entropy bound alone revealed; the bound's own failures
+    beside, on the same instances."""
+    print(f"\nWhere adaptive BoE's failed decodings go wrong ({instances} evaluation instances, seed-0 models): the "
+          f"first step that leaves no valid answer, a step where BoE picked or one where the bound alone revealed")
+    print(f"{'task':<11}{'failed':>8}{'at a pick':>11}{'bound alone':>13}{'entropy-bound failed':>22}")
+    for task in tasks.ALL_TASKS.values():
+        prompts, _ = task.make_instances(instances, seed=1)
+        model = suite_model(task, 0)
+        cap = answer_length(prompts, task)
+        picked = []  # per step, bool [n]: the rows where BoE picked
+
+        def record(tokens, masked, logits, scores):
+            picked.append((scores == math.inf).any(1))
+
+        with watching_boe_step(record):
+            tokens, record_ = boe.generate(model, prompts, cap, "boe-adaptive")
+        at_pick = alone = 0
+        for i in torch.nonzero(~task.check(prompts, tokens)).flatten().tolist():
+            step = record_["reveal_step"][i]  # [L]
+            for t in range(int(step.max()) + 1):
+                state = torch.where((step >= 0) & (step <= t), tokens[i], prompts[i])  # [L] the row after step t
+                if not tasks.completable(task, prompts[i:i + 1], state[None])[0]:
+                    at_pick, alone = at_pick + bool(picked[t][i]), alone + (not picked[t][i])
+                    break
+        bound_failed = (~task.check(prompts, boe.generate(model, prompts, cap, "entropy-bound")[0])).sum()
+        print(f"{task.name:<11}{at_pick + alone:>8}{at_pick:>11}{alone:>13}{int(bound_failed):>22}")
+
+
 def picks(instances):
     pick_study(instances)
     stuck_choices(instances)
+    where_failures_begin(instances)
     first_picks(instances)
 
 

@@ -227,7 +227,7 @@ def test_measurement_commands_run_on_the_shipped_models():
     tuned = run("tune", "--instances", "4")
     assert "boe: mean accuracy over tasks (marks, sudoku, countdown)" in tuned and "adaptive_pick=" in tuned
     picked = run("picks", "--instances", "10")
-    assert "BoE wrong" in picked and "first pick on marks" in picked and "seed 2" in picked
+    assert "BoE wrong" in picked and "first pick on marks" in picked and "seed 2" in picked and "bound alone" in picked
     assert "estimate vs lookahead" in run("fidelity", "--instances", "6")
     assert "boe (paper, rho=1/2)" in run("ablations", "--instances", "10")
     shown = run("show", "0", "--task", "countdown", "--steps", "2")

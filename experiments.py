@@ -501,14 +501,14 @@ def where_failures_begin(instances):
         cap = answer_length(prompts, task)
         picked = []  # per step, bool [n]: the rows where BoE picked
 
-        def record(tokens, masked, logits, scores):
+        def record_picks(tokens, masked, logits, scores):
             picked.append((scores == math.inf).any(1))
 
-        with watching_boe_step(record):
-            tokens, record_ = boe.generate(model, prompts, cap, "boe-adaptive")
+        with watching_boe_step(record_picks):
+            tokens, decoding = boe.generate(model, prompts, cap, "boe-adaptive")
         at_pick = alone = 0
         for i in torch.nonzero(~task.check(prompts, tokens)).flatten().tolist():
-            step = record_["reveal_step"][i]  # [L]
+            step = decoding["reveal_step"][i]  # [L]
             for t in range(int(step.max()) + 1):
                 state = torch.where((step >= 0) & (step <= t), tokens[i], prompts[i])  # [L] the row after step t
                 if not tasks.completable(task, prompts[i:i + 1], state[None])[0]:

@@ -25,9 +25,8 @@ import argparse
 import math
 import numbers
 import operator
-import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -221,40 +220,6 @@ def train(model_cfg, train_cfg, make_batch=make_instances):
     finally:
         torch.set_num_threads(threads)
     return model.eval()
-
-
-def load_or_train(model_cfg, train_cfg, make_batch=make_instances, task="marks", retrain=False):
-    """Load the cached weights if they were made with these settings; otherwise train and cache."""
-    settings = {"task": task, "model": asdict(model_cfg),
-                "train": {k: v for k, v in asdict(train_cfg).items() if k != "cache"}}
-    if not retrain and os.path.exists(train_cfg.cache):
-        try:
-            saved = torch.load(train_cfg.cache, weights_only=True)
-            if saved["configs"] == settings:
-                model = MaskedDiffusionTransformer(model_cfg)
-                model.load_state_dict(saved["state_dict"])
-                return model.eval()
-            print(f"{train_cfg.cache} was trained with other settings; retraining")
-        except Exception as err:  # any unreadable or foreign file: say so and retrain
-            print(f"{train_cfg.cache} could not be loaded ({type(err).__name__}: {err}); retraining")
-    check_writable(train_cfg.cache)  # before training, not after it
-    model = train(model_cfg, train_cfg, make_batch)
-    torch.save({"configs": settings, "state_dict": model.state_dict()}, train_cfg.cache)
-    return model
-
-
-def check_writable(path):
-    """Make the folder of `path` and check that a file can be written there: an OSError that names the
-    path, before a long run rather than after it."""
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        if os.path.isdir(path):
-            raise IsADirectoryError(21, "it is a folder")
-        probe = f"{path}.{os.getpid()}.tmp"
-        open(probe, "wb").close()
-        os.remove(probe)
-    except OSError as err:
-        raise OSError(f"cannot write {path}: {err.strerror or err}") from err
 
 
 # -----------------------------------------------------------------------------
@@ -859,11 +824,12 @@ def main():
     if not 0 <= args.temperature < math.inf:
         parser.error(f"--temperature must be >= 0 and finite; got {args.temperature}")
 
-    import experiments  # here, not at the top: experiments imports this file
+    import experiments  # the weights cache and the table are measurement; experiments imports this file
     try:  # a --json or --cache that cannot be written is an error now, not after the run
         if args.json:
-            check_writable(args.json)
-        model = load_or_train(ModelConfig(), TrainConfig(steps=args.train_steps, cache=args.cache), retrain=args.retrain)
+            experiments.check_writable(args.json)
+        model = experiments.load_or_train(ModelConfig(), TrainConfig(steps=args.train_steps, cache=args.cache),
+                                          retrain=args.retrain)
     except OSError as err:
         parser.error(str(err))
     prompts, _ = make_instances(args.instances, args.eval_seed)

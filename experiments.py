@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -35,10 +35,48 @@ INSTANCES = 1000             # evaluation instances per task (seed 1)
 TUNING = 300                 # tuning instances per task (seed 0)
 
 
+# -----------------------------------------------------------------------------
+# Trained models: the shipped weights, or boe.py's training where they are missing or stale
+
+
+def load_or_train(model_cfg, train_cfg, make_batch=boe.make_instances, task="marks", retrain=False):
+    """Load the cached weights if they were made with these settings; otherwise train and cache."""
+    settings = {"task": task, "model": asdict(model_cfg),
+                "train": {k: v for k, v in asdict(train_cfg).items() if k != "cache"}}
+    if not retrain and os.path.exists(train_cfg.cache):
+        try:
+            saved = torch.load(train_cfg.cache, weights_only=True)
+            if saved["configs"] == settings:
+                model = boe.MaskedDiffusionTransformer(model_cfg)
+                model.load_state_dict(saved["state_dict"])
+                return model.eval()
+            print(f"{train_cfg.cache} was trained with other settings; retraining")
+        except Exception as err:  # any unreadable or foreign file: say so and retrain
+            print(f"{train_cfg.cache} could not be loaded ({type(err).__name__}: {err}); retraining")
+    check_writable(train_cfg.cache)  # before training, not after it
+    model = boe.train(model_cfg, train_cfg, make_batch)
+    torch.save({"configs": settings, "state_dict": model.state_dict()}, train_cfg.cache)
+    return model
+
+
+def check_writable(path):
+    """Make the folder of `path` and check that a file can be written there: an OSError that names the
+    path, before a long run rather than after it."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "it is a folder")
+        probe = f"{path}.{os.getpid()}.tmp"
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as err:
+        raise OSError(f"cannot write {path}: {err.strerror or err}") from err
+
+
 def suite_model(task, seed, retrain=False):
     cache = os.path.join("weights", f"{task.name}-seed{seed}.pt")
     cfg = boe.TrainConfig(steps=task.train_steps, seed=seed, cache=cache)
-    return boe.load_or_train(task.model_cfg, cfg, task.training_batch, task=task.name, retrain=retrain)
+    return load_or_train(task.model_cfg, cfg, task.training_batch, task=task.name, retrain=retrain)
 
 
 def answer_length(prompts, task):
@@ -826,9 +864,9 @@ def main():
         parser.error("--instances and --steps must be >= 1, INSTANCE >= 0")
     try:  # what the suite writes at its end: an error now, not after the run
         if getattr(args, "json", None):
-            boe.check_writable(args.json)
+            check_writable(args.json)
         if getattr(args, "plot", None):
-            boe.check_writable(os.path.join(args.plot, "frontier.png"))
+            check_writable(os.path.join(args.plot, "frontier.png"))
     except OSError as err:
         parser.error(str(err))
     if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:

@@ -115,6 +115,18 @@ def test_completable_says_whether_a_valid_answer_agrees_with_the_revealed_tokens
     assert not tasks.completable(tasks.MARKS, prompts, state).any()
 
 
+def test_corrupt_cache_is_retrained_with_a_message(tmp_path, capsys):
+    cache = tmp_path / "model.pt"
+    cache.write_bytes(b"not a checkpoint")
+    model_cfg, train_cfg = boe.ModelConfig(n_layer=1, d_model=16), boe.TrainConfig(steps=2, batch_size=8, cache=str(cache))
+    model = experiments.load_or_train(model_cfg, train_cfg)
+    assert "could not be loaded" in capsys.readouterr().out
+    reloaded = experiments.load_or_train(model_cfg, train_cfg)  # now a valid cache: loaded, not retrained
+    assert "train step" not in capsys.readouterr().out
+    for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def run(*args, timeout=600):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
     result = subprocess.run([sys.executable, "experiments.py", *args], capture_output=True, text=True, timeout=timeout,

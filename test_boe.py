@@ -592,24 +592,29 @@ def reference_predictions(model, tokens, masked):
 def reference_boe_adaptive(model, prompts, bound, pick):
     """Adaptive BoE written out step by step, with the forward and the backward run for every row at every
     step whether or not it is needed: the entropy bound's count, and where BoE picks, its best-scoring
-    masked position first, then the rest in ascending entropy."""
+    masked position (but for the count - 1 the bound reveals anyway) first, then the rest in ascending entropy.
+    Returns tokens and reveal steps."""
     tokens = prompts.clone()  # [B, L]
+    reveal_step = torch.full(prompts.shape, -1)  # [B, L]
     for t in range(prompts.shape[1]):
         masked = tokens == boe.MASK  # [B, L]
         if not masked.any():
             break
         logits, grad, probs, own = reference_predictions(model, tokens, masked)
         count = boe.entropy_bound_count(own, masked, bound)  # [B]
-        scores = boe.boe_scores(grad.norm(dim=-1) * masked, masked, probs.max(-1).values, own, 1 - t / prompts.shape[1],
+        influence = grad.norm(dim=-1) * -probs.amax(-1).log() * masked  # [B, L] |g| (-log c), the default
+        scores = boe.boe_scores(influence, masked, probs.max(-1).values, own, 1 - t / prompts.shape[1],
                                 boe.SamplerConfig())  # [B, L]
         for b in range(len(tokens)):
             order = (-own[b]).masked_fill(~masked[b], -math.inf).argsort(descending=True, stable=True).tolist()
             if count[b] < masked[b].sum() and (pick == "always" or count[b] == 1):
-                best = int(scores[b].masked_fill(~masked[b], -math.inf).argmax())
+                settled = order[: int(count[b]) - 1]  # the bound reveals these anyway: no candidates
+                best = max((i for i in order if i not in settled), key=lambda i: float(scores[b, i]))
                 order = [best] + [i for i in order if i != best]
             for i in order[: int(count[b])]:
                 tokens[b, i] = logits[b, i].argmax()
-    return tokens
+                reveal_step[b, i] = t
+    return tokens, reveal_step
 
 
 @pytest.mark.parametrize("pick", ["stuck", "always"])
@@ -620,17 +625,20 @@ def test_adaptive_boe_equals_a_reference_that_always_runs_the_backward(pick):
     for bound in (0.05, 0.5, 2.0):
         cfg = boe.SamplerConfig(entropy_bound=bound, adaptive_pick=pick)
         tokens, record = boe.generate(model, prompts, prompts.shape[1], "boe-adaptive", cfg)
-        assert torch.equal(tokens, reference_boe_adaptive(model, prompts, bound, pick))
+        reference, reference_steps = reference_boe_adaptive(model, prompts, bound, pick)
+        assert torch.equal(tokens, reference) and torch.equal(record["reveal_step"], reference_steps)
         assert (record["backwards"] < record["forwards"]).all(), "the last step never needs a backward"
 
 
 def reference_boe_fixed(model, prompts, steps, bound):
     """Fixed-schedule BoE written out step by step, with the forward and the backward run for every row at
     every step: ceil(masked / steps left) reveals; where that leaves a choice and the entropy bound would not
-    reveal every masked position, the best-scoring one first, then the rest by confidence."""
+    reveal every masked position, the best-scoring one first, then the rest by confidence. Returns tokens and
+    reveal steps."""
     cfg = boe.SamplerConfig(entropy_bound=bound)
     table = model.token_embedding.weight  # [V, D]
     tokens = prompts.clone()  # [B, L]
+    reveal_step = torch.full(prompts.shape, -1)  # [B, L]
     for t in range(steps):
         masked = tokens == boe.MASK  # [B, L]
         if not masked.any():
@@ -650,7 +658,8 @@ def reference_boe_fixed(model, prompts, steps, bound):
                 order = [best] + [i for i in order if i != best]
             for i in order[:budget]:
                 tokens[b, i] = logits[b, i].argmax()
-    return tokens
+                reveal_step[b, i] = t
+    return tokens, reveal_step
 
 
 def test_fixed_boe_equals_a_reference_that_always_runs_the_backward():
@@ -661,7 +670,8 @@ def test_fixed_boe_equals_a_reference_that_always_runs_the_backward():
     backwards = []
     for bound in (0.05, 6.0, 40.0):
         tokens, record = boe.generate(model, prompts, 4, "boe", boe.SamplerConfig(entropy_bound=bound))
-        assert torch.equal(tokens, reference_boe_fixed(model, prompts, 4, bound))
+        reference, reference_steps = reference_boe_fixed(model, prompts, 4, bound)
+        assert torch.equal(tokens, reference) and torch.equal(record["reveal_step"], reference_steps)
         backwards.append(int(record["backwards"].sum()))
     assert backwards[0] > backwards[1] > backwards[2] == 0, "the bounds must skip none, some and every backward"
 

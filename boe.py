@@ -249,6 +249,8 @@ class SamplerConfig:
     confidence_threshold: float = 0.9  # threshold: tau (Fast-dLLM's default)
     adaptive_pick: str = "stuck"    # boe-adaptive: where BoE picks the step's free token: "stuck" = only at
                                     # steps where the bound admits one token; "always" = at every step
+    backward_cost: float = 2.0      # boe-adaptive: a backward's price in forwards (what the README's tables
+                                    # charge); BoE picks only where a pick could save more forwards than that
     # BoE's knobs (section 4). The defaults were chosen by experiments.py's grid search on tuning
     # instances (seed 0) only; PAPER_BOE below is the paper's configuration.
     linearize: str = "state"        # BoE: where the gradient is taken: "state" = the real state x_t, in
@@ -476,7 +478,9 @@ def commit(logits, temperature, generators):
 #       lowers the entropy left should let the next steps reveal the most.
 # The backward runs only where a pick can change the step, as the step's forward tells: not where the budget
 # takes every revealable position, nor where the entropy bound would reveal them all at once (all but one
-# near-certain: boe_influence), nor, adaptive and "stuck", where the bound admits more than one. Elsewhere
+# near-certain: boe_influence), nor, adaptive and "stuck", where the bound admits more than one, nor,
+# adaptive, where so few positions are left that a pick cannot save the price of its backward (revealed
+# alone, any free token makes no dependence error: what a pick can buy is fewer forwards later). Elsewhere
 # the graph is dropped and nothing is charged. With sparse_backward (the paper's ActiveQueryAttention,
 # attn_kernel.py) the attention passes gradient only through the outputs of the active rows, the probes and
 # candidates: exact in the last layer, an approximation below, the price of an O(|A| L d) backward; with the
@@ -608,10 +612,15 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
     revealable = masked if revealable is None else masked & revealable  # [B, L]
     n_open = revealable.sum(1)  # [B]
 
+    # Adaptive, a pick saves forwards only: the other n - 1 masked positions take at least one more forward
+    # after it and at most n - 1 without it, so it saves n - 2 at most. Where that is no more than the price
+    # of its backward, the bound's own free token goes instead and no backward runs [ours].
+    pays = (masked.sum(1) - 2 > cfg.backward_cost) | (not adaptive)  # [B]
+
     def pick_counts(budget):  # [B] reveals chosen by score; none where the budget takes every position
         limit = budget if adaptive else budget - 1
         count = budget if cfg.influential == 0 else limit.clamp(0, cfg.influential)  # [B]
-        return count * (budget < n_open)
+        return count * (budget < n_open) * pays
 
     # [B] as far as is known before the forward (when adaptive, a row with something to reveal reveals one)
     picks = pick_counts(budget.clamp_min(1) if adaptive else budget)
@@ -759,7 +768,7 @@ def check_sampler_config(cfg):
             ("rho", 0 < cfg.rho <= 1, "in (0, 1]"),
             ("tau", 0 < cfg.tau < math.inf, "> 0 and finite"),
             *((name, 0 <= getattr(cfg, name) < math.inf, ">= 0 and finite")
-              for name in ("temperature", "gamma", "lam", "h_max"))):
+              for name in ("temperature", "gamma", "lam", "h_max", "backward_cost"))):
         if not ok:  # NaN fails every comparison, so it lands here too
             raise ValueError(f"{name} must be {rule}; got {getattr(cfg, name)!r}")
     if cfg.rho < 1 and cfg.linearize != "surrogate":

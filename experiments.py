@@ -151,8 +151,9 @@ def lookahead(k=0, own_entropy=True):
 # we count that as 2 forwards beyond a plain one, about what it costs on a CPU with these models (timed
 # by `python experiments.py time-backward`; it moves from run to run) and more than its arithmetic (the
 # backward to the inputs repeats the forward's matmuls once). A fixed price keeps every table the same
-# on every machine; the forwards and backwards are printed, for any other price.
-BACKWARD_COST = 2.0
+# on every machine; the forwards and backwards are printed, for any other price. boe-adaptive prices its
+# backward the same (SamplerConfig.backward_cost) when it decides whether a pick can pay.
+BACKWARD_COST = boe.SamplerConfig.backward_cost
 
 FIXED_RULES = {name: name for name in ("random", "left-to-right", "confidence", "margin", "entropy")} | {
     "lookahead": lookahead(), "boe": "boe"}  # label -> order for boe.generate
@@ -711,6 +712,7 @@ def ablations(instances):
     gamma = boe.SamplerConfig().entropy_bound
     for label, cfg in (("boe-adaptive", boe.SamplerConfig()),
                        ("boe-adaptive (pick always)", boe.SamplerConfig(adaptive_pick="always")),
+                       ("boe-adaptive (backward free)", boe.SamplerConfig(backward_cost=0.0)),
                        ("boe-adaptive (|g| H)", boe.SamplerConfig(estimator="norm-entropy")),
                        ("boe-adaptive (|g| alone)", boe.SamplerConfig(estimator="norm")),
                        ("boe-adaptive (tangent)", boe.SamplerConfig(estimator="tangent")),

@@ -387,10 +387,13 @@ def test_forward_and_backward_counts_are_as_documented():
     # Adaptive BoE with an unbounded entropy bound reveals everything at once: one forward, no backward.
     _, all_at_once = boe.generate(model, prompts, 9, "boe-adaptive", boe.SamplerConfig(entropy_bound=math.inf))
     assert all_at_once["forwards"].tolist() == [1] * 4 and all_at_once["backwards"].tolist() == [0] * 4
-    # With a zero bound it reveals one token a step and picks it at every step but the last: 9 forwards,
-    # 8 backwards (the last step's one token is revealed anyway).
+    # With a zero bound it reveals one token a step, and picks it where a pick can save more forwards than its
+    # backward costs: n - 2 > backward_cost with n masked, so at 9 down to 5 masked at the default price of 2,
+    # and at 9 down to 3 for free (with 2 left the other follows at the next step, whichever goes first).
     _, one_a_step = boe.generate(model, prompts, 9, "boe-adaptive", boe.SamplerConfig(entropy_bound=0.0))
-    assert one_a_step["forwards"].tolist() == [9] * 4 and one_a_step["backwards"].tolist() == [8] * 4
+    assert one_a_step["forwards"].tolist() == [9] * 4 and one_a_step["backwards"].tolist() == [5] * 4
+    _, free = boe.generate(model, prompts, 9, "boe-adaptive", boe.SamplerConfig(entropy_bound=0.0, backward_cost=0.0))
+    assert free["forwards"].tolist() == [9] * 4 and free["backwards"].tolist() == [7] * 4
 
 
 @pytest.mark.parametrize("order, cfg", [("confidence", boe.SamplerConfig()), (LOOKAHEADS["lookahead"], boe.SamplerConfig()),
@@ -592,8 +595,9 @@ def reference_predictions(model, tokens, masked):
 def reference_boe_adaptive(model, prompts, bound, pick):
     """Adaptive BoE written out step by step, with the forward and the backward run for every row at every
     step whether or not it is needed: the entropy bound's count, and where BoE picks, its best-scoring
-    masked position (but for the count - 1 the bound reveals anyway) first, then the rest in ascending entropy.
-    Returns tokens and reveal steps."""
+    masked position (but for the count - 1 the bound reveals anyway) first, then the rest in ascending entropy;
+    it picks only with more than 2 + 2 positions masked (a pick saves n - 2 forwards at most, a backward costs
+    2). Returns tokens and reveal steps."""
     tokens = prompts.clone()  # [B, L]
     reveal_step = torch.full(prompts.shape, -1)  # [B, L]
     for t in range(prompts.shape[1]):
@@ -607,7 +611,7 @@ def reference_boe_adaptive(model, prompts, bound, pick):
                                 boe.SamplerConfig())  # [B, L]
         for b in range(len(tokens)):
             order = (-own[b]).masked_fill(~masked[b], -math.inf).argsort(descending=True, stable=True).tolist()
-            if count[b] < masked[b].sum() and (pick == "always" or count[b] == 1):
+            if count[b] < masked[b].sum() and (pick == "always" or count[b] == 1) and masked[b].sum() > 4:
                 settled = order[: int(count[b]) - 1]  # the bound reveals these anyway: no candidates
                 best = max((i for i in order if i not in settled), key=lambda i: float(scores[b, i]))
                 order = [best] + [i for i in order if i != best]
@@ -722,6 +726,7 @@ def test_fixed_boe_equals_a_reference_that_always_runs_the_backward():
     (dict(cfg=boe.SamplerConfig(gamma=math.nan)), ValueError, "gamma must be >= 0"),
     (dict(cfg=boe.SamplerConfig(lam=-1.0)), ValueError, "lam must be >= 0"),
     (dict(cfg=boe.SamplerConfig(h_max=math.inf)), ValueError, "h_max must be >= 0 and finite"),
+    (dict(cfg=boe.SamplerConfig(backward_cost=-1.0)), ValueError, "backward_cost must be >= 0"),
 ])
 def test_bad_generate_input_gets_a_clear_error(bad, error, match):
     args = dict(model=random_model(), prompts=boe.make_instances(2, 0)[0], steps=3, order="boe",

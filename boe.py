@@ -475,16 +475,16 @@ def commit(logits, temperature, generators):
 #       the uncertain ones where their uncertainty is the model's own, and an earlier pick would be a
 #       guess that waiting avoids. When nothing is near-certain one uncertain token must be revealed
 #       anyway (the bound's free token; alone, it makes no dependence error), and the one that most
-#       lowers the entropy left should let the next steps reveal the most.
+#       lowers the entropy left should let the next steps reveal the most. Fewer forwards are all a pick
+#       can buy, so BoE picks only where it could save more than its backward costs (boe_influence).
 # The backward runs only where a pick can change the step, as the step's forward tells: not where the budget
 # takes every revealable position, nor where the entropy bound would reveal them all at once (all but one
-# near-certain: boe_influence), nor, adaptive and "stuck", where the bound admits more than one, nor,
-# adaptive, where so few positions are left that a pick cannot save the price of its backward (revealed
-# alone, any free token makes no dependence error: what a pick can buy is fewer forwards later). Elsewhere
-# the graph is dropped and nothing is charged. With sparse_backward (the paper's ActiveQueryAttention,
-# attn_kernel.py) the attention passes gradient only through the outputs of the active rows, the probes and
-# candidates: exact in the last layer, an approximation below, the price of an O(|A| L d) backward; with the
-# default estimator it picks as well as the exact backward on the suite (the README's grid search).
+# near-certain: boe_influence), nor, adaptive, where the bound admits more than one ("stuck") or too few
+# positions are left for a pick to pay. Elsewhere the graph is dropped and nothing is charged. With
+# sparse_backward (the paper's ActiveQueryAttention, attn_kernel.py) the attention passes gradient only
+# through the outputs of the active rows, the probes and candidates: exact in the last layer, an
+# approximation below, the price of an O(|A| L d) backward; with the default estimator it picks as well as
+# the exact backward on the suite (the README's grid search).
 
 
 def call_logits_fn(logits_fn, embeds, active=None, vocab=None):
@@ -614,7 +614,7 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
 
     # Adaptive, a pick saves forwards only: the other n - 1 masked positions take at least one more forward
     # after it and at most n - 1 without it, so it saves n - 2 at most. Where that is no more than the price
-    # of its backward, the bound's own free token goes instead and no backward runs [ours].
+    # of its backward, the bound's own free token goes and no backward runs [ours].
     pays = (masked.sum(1) - 2 > cfg.backward_cost) | (not adaptive)  # [B]
 
     def pick_counts(budget):  # [B] reveals chosen by score; none where the budget takes every position

@@ -4,7 +4,7 @@ was measured. `python boe.py` prints its table with builtin_table below; each su
     python experiments.py suite [--quick] [--plot DIR]   every rule on every task, 3 trained models a task
                               [--temperature T]          (with every commit sampled at T)
     python experiments.py tune                           BoE's grid search, on the tuning instances (seed 0)
-    python experiments.py picks                          where BoE helps: how often a pick is wrong, and why
+    python experiments.py picks                          where BoE helps: how often a pick is wrong, what it buys
     python experiments.py fidelity                       how well TIS ranks candidates against exact drops
     python experiments.py ablations                      BoE and the lookahead taken apart
     python experiments.py show INSTANCE                  one decoding by every rule, step by step
@@ -557,11 +557,64 @@ def where_failures_begin(instances):
         print(f"{task.name:<11}{at_pick + alone:>8}{at_pick:>11}{alone:>13}{int(bound_failed):>22}")
 
 
+def exact_pick_adaptive(cfg, picks):
+    """boe-adaptive with a perfect estimate: where it would pick (the bound admits one token, and enough
+    positions are masked for a pick to pay), the masked position whose reveal lowers the other masked
+    positions' entropy most, found by the exact lookahead (pure-future form); elsewhere the bound's order.
+    The search's forwards are not charged (this measures what a pick buys, not what it costs); `picks`
+    (long [B]) counts each row's picks."""
+
+    def score_exact_pick(s):
+        own = boe.entropy(s.probs)  # [B, L]
+        count = boe.entropy_bound_count(own, s.masked, cfg.entropy_bound)  # [B]
+        n_masked = s.masked.sum(1)  # [B]
+        stuck = (count <= 1) & (n_masked - 2 > cfg.backward_cost)  # [B] where boe-adaptive picks
+        if not stuck.any():
+            return -own, count
+        positions, valid = boe.top_masked(-own, s.masked, n_masked)  # [B, K]
+        charged = s.forwards.clone()  # [B]
+        costs = lookahead_costs(s, positions, valid & stuck[:, None], own_entropy=False)  # [B, K]
+        s.forwards.copy_(charged)
+        pick = positions.gather(1, costs.argmin(1, keepdim=True))  # [B, 1]
+        picks.add_(stuck)
+        return (-own).masked_fill(torch.zeros_like(s.masked).scatter(1, pick, stuck[:, None]), math.inf), count
+
+    return score_exact_pick
+
+
+def pick_value(instances):
+    """What a pick buys, per task and model: the forwards adaptive BoE saves against the entropy bound per
+    pick (a pick buys nothing else: a token revealed alone makes no dependence error), and the same with
+    the pick made by the exact lookahead, the best any estimate of the one-step drop could do. A pick pays
+    where it saves more forwards than its backward costs."""
+    cfg = boe.SamplerConfig()
+    print(f"\nWhat a pick buys ({instances} evaluation instances, gamma {cfg.entropy_bound}): accuracy, forwards an "
+          f"instance, picks an instance, and forwards saved against the bound per pick (a backward costs "
+          f"{cfg.backward_cost:g})")
+    print(f"{'':<18}{'entropy bound':>14}{'adaptive BoE':>30}{'the exact pick':>30}")
+    print(f"{'task':<11}{'model':<7}{'acc':>7}{'fwd':>7}" + f"{'acc':>8}{'fwd':>7}{'picks':>7}{'saved':>8}" * 2)
+    for task in tasks.ALL_TASKS.values():
+        prompts, _ = task.make_instances(instances, seed=1)
+        solved = lambda tokens: task.check(prompts, tokens)  # noqa: E731
+        cap = answer_length(prompts, task)
+        for seed in SEEDS:
+            model = suite_model(task, seed)
+            exact_picks = torch.zeros(instances, dtype=torch.long)  # [n]
+            bound, adaptive, exact = (evaluate(model, prompts, "", "", order, cap, cfg, solved) for order in
+                                      ("entropy-bound", "boe-adaptive", exact_pick_adaptive(cfg, exact_picks)))
+            line = f"{task.name:<11}{seed:<7}{bound['accuracy']:>7.3f}{bound['forwards']:>7.2f}"
+            for row, n_picks in ((adaptive, adaptive["backwards"]), (exact, exact_picks.float().mean().item())):
+                saved = (bound["forwards"] - row["forwards"]) / n_picks if n_picks else math.nan
+                line += f"{row['accuracy']:>8.3f}{row['forwards']:>7.2f}{n_picks:>7.2f}{saved:>8.2f}"
+            print(line, flush=True)
+
+
 def picks(instances):
     pick_study(instances)
     stuck_choices(instances)
     where_failures_begin(instances)
     first_picks(instances)
+    pick_value(instances)
 
 
 # -----------------------------------------------------------------------------
@@ -847,7 +900,8 @@ def main():
                        "p ** (1 / T); 0 = the argmax (the README's tables)")
     for name, default, what in (
             ("tune", TUNING, "the grid search behind BoE's defaults, on tuning instances (seed 0)"),
-            ("picks", 300, "how often BoE's pick is wrong, and which token it picks where the bound is stuck"),
+            ("picks", 300, "how often BoE's pick is wrong, which token it picks where the bound is stuck, "
+                      "and how many forwards a pick saves"),
             ("fidelity", 250, "how well TIS ranks reveals against their exact entropy drops"),
             ("ablations", INSTANCES, "BoE with one of its choices changed at a time"),
             ("noise", INSTANCES, "how many decodings tiny changes to the weights change"),

@@ -187,38 +187,59 @@ def test_lookahead_candidates_rank_above_every_other_position_however_large_thei
     assert ranked == [0, 3, 1, 2, 4]  # the two most confident by cost (lower first), then the rest by confidence
 
 
+class TrueConditionals(torch.nn.Module):
+    """The built-in task's true conditionals as a model: a hand-made predictor that stands in for a
+    perfectly trained one."""
+    mask_id = boe.MASK
+    cfg = boe.ModelConfig()
+
+    def forward(self, tokens):
+        B, L = tokens.shape
+        logits = torch.full((B, L, boe.MASK + 1), -1e9)  # [B, L, V]
+        for b in range(B):
+            cells, marks, pivot = tokens[b, :8], tokens[b, 9:17], tokens[b, 17]
+            if pivot != boe.MASK:  # the marked cell is known
+                options = [int(pivot)]
+            elif (marks == boe.MARKED).any():
+                options = [int((marks == boe.MARKED).nonzero()[0])]
+            else:  # any open cell whose mark is still masked, equally likely
+                options = [i for i in range(8) if cells[i] == boe.OPEN and marks[i] == boe.MASK]
+            for j in range(8):
+                p_marked = options.count(j) / len(options)
+                logits[b, 9 + j, boe.UNMARKED] = math.log(max(1 - p_marked, 1e-30))
+                logits[b, 9 + j, boe.MARKED] = math.log(max(p_marked, 1e-30))
+            logits[b, 17, options] = 0.0
+        return logits
+
+
 def test_lookahead_reveals_the_pivot_first_under_the_true_conditionals():
     """On the task the pivot settles every mark: an exact lookahead with exact probabilities must
-    reveal it in the first step, and confidence, which reveals it last, fails with two steps. A hand-made
-    predictor with the task's true conditionals stands in for a trained model."""
-
-    class TrueConditionals(torch.nn.Module):
-        mask_id = boe.MASK
-        cfg = boe.ModelConfig()
-
-        def forward(self, tokens):
-            B, L = tokens.shape
-            logits = torch.full((B, L, boe.MASK + 1), -1e9)  # [B, L, V]
-            for b in range(B):
-                cells, marks, pivot = tokens[b, :8], tokens[b, 9:17], tokens[b, 17]
-                if pivot != boe.MASK:  # the marked cell is known
-                    options = [int(pivot)]
-                elif (marks == boe.MARKED).any():
-                    options = [int((marks == boe.MARKED).nonzero()[0])]
-                else:  # any open cell whose mark is still masked, equally likely
-                    options = [i for i in range(8) if cells[i] == boe.OPEN and marks[i] == boe.MASK]
-                for j in range(8):
-                    p_marked = options.count(j) / len(options)
-                    logits[b, 9 + j, boe.UNMARKED] = math.log(max(1 - p_marked, 1e-30))
-                    logits[b, 9 + j, boe.MARKED] = math.log(max(p_marked, 1e-30))
-                logits[b, 17, options] = 0.0
-            return logits
-
+    reveal it in the first step, and confidence, which reveals it last, fails with two steps."""
     prompts, _ = boe.make_instances(3, 0)
     tokens, record = boe.generate(TrueConditionals(), prompts, 3, experiments.lookahead())
     assert (record["reveal_step"][:, 17] == 0).all(), "the pivot should be revealed first"
     tokens, _ = boe.generate(TrueConditionals(), prompts, 2, "confidence")
     assert not boe.check(tokens).any(), "confidence commits the last bits and the pivot together"
+
+
+def test_exact_pick_reveals_the_pivot_where_a_pick_pays_and_charges_no_search():
+    """Under the true conditionals the entropy bound reveals the blocked marks and one open mark, then is
+    stuck (at once where no cell is blocked); the reveal that settles every other token there is the
+    pivot. The exact pick makes it exactly where adaptive BoE would pick (5 or more open cells: enough
+    positions masked for a pick to pay), and the decoding is charged its own forwards only."""
+    prompts, _ = boe.make_instances(40, 0)
+    picks = torch.zeros(40, dtype=torch.long)  # [n]
+    rule = experiments.exact_pick_adaptive(boe.SamplerConfig(), picks)
+    tokens, record = boe.generate(TrueConditionals(), prompts, boe.SEQ_LEN - boe.PROMPT_LEN, rule)
+    n_open = (prompts[:, : boe.N_CELLS] == boe.OPEN).sum(1)  # [n]
+    pays = n_open >= 5  # [n]
+    stuck_step = (n_open < boe.N_CELLS).long()  # [n]
+    assert pays.any() and not pays.all() and (n_open == boe.N_CELLS).any()
+    assert boe.check(tokens).all()
+    assert torch.equal(picks, pays.long())
+    assert torch.equal(record["reveal_step"][pays, -1], stuck_step[pays]), "the pivot, at the stuck step"
+    assert torch.equal(record["forwards"][pays], stuck_step[pays] + 2)
+    assert torch.equal(record["forwards"], record["reveal_step"].amax(1) + 1)
 
 
 @pytest.mark.parametrize("k", [-1, 2.0, True])
@@ -240,6 +261,7 @@ def test_measurement_commands_run_on_the_shipped_models():
     assert "boe: mean accuracy over tasks (marks, sudoku, countdown)" in tuned and "adaptive_pick=" in tuned
     picked = run("picks", "--instances", "10")
     assert "BoE wrong" in picked and "first pick on marks" in picked and "seed 2" in picked and "bound alone" in picked
+    assert "the exact pick" in picked
     assert "estimate vs lookahead" in run("fidelity", "--instances", "6")
     assert "boe (paper, rho=1/2)" in run("ablations", "--instances", "10")
     shown = run("show", "0", "--task", "countdown", "--steps", "2")

@@ -190,6 +190,40 @@ def test_boe_step_takes_log_probabilities_as_logits(cfg):
     assert torch.allclose(plain[0].softmax(-1), log_probs[0].softmax(-1), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("cfg", [boe.SamplerConfig(), boe.SamplerConfig(sparse_backward=False),
+                                 dataclasses.replace(boe.PAPER_BOE, candidates=3, estimator="norm")],
+                         ids=["default", "dense", "surrogate-r3"])
+def test_boe_step_on_a_half_precision_model_agrees_with_float64_to_its_rounding(dtype, cfg, monkeypatch):
+    # Real models run in float16 or bfloat16. The step reads their logits in float32 (softmax, entropy, TIS)
+    # and returns float32, so it agrees with the same weights in float64 to the half model's own rounding
+    # (on this model about 1e-3 of the largest score in float16, 1e-2 in bfloat16). Compared on the rows
+    # where both chose the same candidates and picks (the prefilter can flip a near-tie of confidences).
+    # The surrogate is compared through |g|: the paper's tangent is an inner product with much cancellation,
+    # whose bfloat16 error reaches a third of the largest score here.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens = partly_masked_prompts().to(device)  # [B, L]
+    masked = tokens == boe.MASK  # [B, L]
+    budget = torch.full((len(tokens),), 2, device=device)  # [B]
+    runs = {}
+    for name, model, backend in (("exact", random_model(torch.float64), "torch"),  # Triton takes no float64
+                                 ("half", random_model(torch.float32).to(dtype), boe.ATTENTION_BACKEND)):
+        if device == "cpu" and dtype == torch.bfloat16:
+            backend = "torch"  # Triton's CPU interpreter has no bfloat16
+        monkeypatch.setattr(boe, "ATTENTION_BACKEND", backend)
+        model = model.to(device)
+        runs[name] = boe.boe_influence(tokens, masked, budget, model.token_embedding.weight, model.forward_embeds,
+                                       boe.MASK, cfg)
+    (logits, _, candidates, picks, influence, charged), half = runs["exact"], runs["half"]
+    assert half[0].dtype == torch.float32 and half[4].dtype == torch.float32
+    tolerance = 1e-2 if dtype == torch.float16 else 5e-2
+    assert (half[0] - logits).nan_to_num(posinf=0, neginf=0).abs().max() < tolerance
+    same = (half[2] == candidates).all(1) & (half[3] == picks) & (half[5] == charged)  # [B]
+    assert (same & charged).any(), "a row to compare"
+    scale = influence[same].abs().max()
+    assert ((half[4] - influence)[same].abs().max() / scale) < tolerance
+
+
 def test_adaptive_boe_picks_its_token_outside_the_set_the_bound_reveals_anyway():
     # With a loose bound the bound admits several positions; BoE's pick (the free token) must come from
     # the others, or the step would reveal the bound's own free token and the backward would be wasted.

@@ -572,9 +572,9 @@ def exact_pick_adaptive(cfg, picks):
         if not stuck.any():
             return -own, count
         positions, valid = boe.top_masked(-own, s.masked, n_masked)  # [B, K]
-        charged = s.forwards.clone()  # [B]
+        decoding_forwards = s.forwards.clone()  # [B]
         costs = lookahead_costs(s, positions, valid & stuck[:, None], own_entropy=False)  # [B, K]
-        s.forwards.copy_(charged)
+        s.forwards.copy_(decoding_forwards)  # the search is not charged
         pick = positions.gather(1, costs.argmin(1, keepdim=True))  # [B, 1]
         picks.add_(stuck)
         return (-own).masked_fill(torch.zeros_like(s.masked).scatter(1, pick, stuck[:, None]), math.inf), count
@@ -901,7 +901,7 @@ def main():
     for name, default, what in (
             ("tune", TUNING, "the grid search behind BoE's defaults, on tuning instances (seed 0)"),
             ("picks", 300, "how often BoE's pick is wrong, which token it picks where the bound is stuck, "
-                      "and how many forwards a pick saves"),
+                           "and how many forwards a pick saves"),
             ("fidelity", 250, "how well TIS ranks reveals against their exact entropy drops"),
             ("ablations", INSTANCES, "BoE with one of its choices changed at a time"),
             ("noise", INSTANCES, "how many decodings tiny changes to the weights change"),

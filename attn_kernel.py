@@ -28,11 +28,12 @@ in a CUDA graph. `reference_attention` is the dense oracle.
 
 Triton is optional: where it is not installed (there are no triton wheels for macOS or Windows) the module
 still imports, backend="auto" takes the PyTorch path and backend="triton" raises an ImportError that says
-how to get it.
+how to get it. Likewise on CPU tensors where Triton's interpreter cannot run (Triton 3.6 with NumPy 2.4).
 """
 import contextlib
 import math
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,27 @@ TRITON_MISSING = ("backend='triton' needs the triton package, which is not insta
 
 # Triton decides at decoration time whether @triton.jit functions run in its CPU interpreter.
 INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _interpreter_conflict(triton_version, numpy_version):
+    """Why Triton's CPU interpreter cannot run the kernels with these versions (a message), or None. Before
+    3.7 it turns one-element arrays into Python ints where a loop bound is a kernel argument, which NumPy 2.4
+    and later refuse: every interpreted kernel fails at its first loop. (Compiled for a GPU, 3.6 runs them.)"""
+    def major_minor(version):
+        return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter cannot run with NumPy {numpy_version} (fixed in "
+                f"Triton 3.7): pip install 'triton>=3.7' or 'numpy<2.4', or use backend='torch'")
+    return None
+
+
+# Where it holds, backend="auto" takes the PyTorch path on CPU tensors and backend="triton" raises it.
+INTERPRETER_CONFLICT = None
+if INTERPRETED:
+    import numpy  # the interpreter runs on NumPy arrays
+
+    INTERPRETER_CONFLICT = _interpreter_conflict(triton.__version__, numpy.__version__)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 MAX_GRID_AXIS = 65535  # CUDA's limit on grid axes 1 and 2, which carry H and B
@@ -409,7 +431,8 @@ def active_query_attention(q, k, v, active, scale=None, backend="auto", block_m=
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
     if backend == "auto":
-        usable = HAS_TRITON and (q.is_cuda or INTERPRETED) and _triton_unsupported_reason(q) is None
+        usable = HAS_TRITON and (q.is_cuda or (INTERPRETED and not INTERPRETER_CONFLICT)) \
+            and _triton_unsupported_reason(q) is None
         backend = "triton" if usable else "torch"
     if backend == "torch":
         return _torch_attention(q, k, v, active, scale)
@@ -419,6 +442,8 @@ def active_query_attention(q, k, v, active, scale=None, backend="auto", block_m=
     if not (q.is_cuda or INTERPRETED):
         raise ValueError("backend='triton' on CPU tensors needs Triton's interpreter: set the environment "
                          "variable TRITON_INTERPRET=1 before importing attn_kernel, or use backend='torch'")
+    if not q.is_cuda and INTERPRETER_CONFLICT:
+        raise RuntimeError(INTERPRETER_CONFLICT)
     reason = _triton_unsupported_reason(q)
     if reason is not None:
         raise TypeError(reason) if "dtype" in reason else ValueError(reason)

@@ -4,8 +4,8 @@ Without a GPU the Triton kernels run in Triton's CPU interpreter. It reads TRITO
 @triton.jit function is decorated, that is when attn_kernel is first imported, so it is set here,
 before anything imports it.
 
-Where triton is not installed (macOS, Windows), tests marked `needs_triton` skip and say so; every other
-test runs. `run_without_triton` runs code in a fresh Python in which `import triton` fails, so that the
+Where triton is not installed (macOS, Windows), or its interpreter cannot run with the installed NumPy
+(Triton 3.6 with NumPy 2.4), tests marked `needs_triton` skip and say so; every other test runs. `run_without_triton` runs code in a fresh Python in which `import triton` fails, so that the
 no-triton case is tested on machines that have it too.
 """
 import os
@@ -22,8 +22,11 @@ if not HAS_GPU:
 
 import attn_kernel  # noqa: E402  (after TRITON_INTERPRET is set)
 
-needs_triton = pytest.mark.skipif(not attn_kernel.HAS_TRITON, reason="triton is not installed (no triton wheels "
-                                  "for macOS or Windows; on Linux: pip install triton)")
+# The Triton tests skip where triton is not installed, or where its CPU interpreter cannot run here.
+needs_triton = pytest.mark.skipif(
+    not attn_kernel.HAS_TRITON or attn_kernel.INTERPRETER_CONFLICT is not None,
+    reason=attn_kernel.INTERPRETER_CONFLICT or "triton is not installed (no triton wheels for macOS or Windows; "
+                                               "on Linux: pip install triton)")
 
 # Setting a module's entry in sys.modules to None makes importing it raise ImportError.
 HIDE_TRITON = "import sys; sys.modules['triton'] = None\n"

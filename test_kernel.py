@@ -471,6 +471,27 @@ def test_bfloat16_is_refused_by_the_cpu_interpreter(monkeypatch):
         active_query_attention(**_bad_call(**{x: torch.randn(2, 2, 8, 16, dtype=torch.bfloat16) for x in "qkv"}))
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, conflict", [
+    ("3.6.0", "2.4.6", True), ("3.6.0+git1a2b3c4d", "2.10.0", True), ("3.6.0", "2.3.5", False),
+    ("3.7.0", "2.4.6", False), ("3.10.1", "2.5.0rc1", False)])
+def test_interpreter_conflict_is_triton_before_3_7_with_numpy_2_4_or_later(triton_version, numpy_version, conflict):
+    message = attn_kernel._interpreter_conflict(triton_version, numpy_version)
+    assert (message is not None) == conflict
+    if conflict:
+        assert triton_version in message and numpy_version in message
+
+
+@pytest.mark.skipif(not attn_kernel.HAS_TRITON, reason="backend='triton' needs triton installed")
+def test_an_interpreter_that_cannot_run_is_named_and_auto_takes_the_torch_path(monkeypatch):
+    monkeypatch.setattr(attn_kernel, "INTERPRETED", True)
+    monkeypatch.setattr(attn_kernel, "INTERPRETER_CONFLICT", "Triton 3.6.0's CPU interpreter cannot run")
+    with pytest.raises(RuntimeError, match="Triton 3.6.0's CPU interpreter cannot run"):
+        active_query_attention(**_bad_call())
+    q = torch.randn(2, 2, 8, 16, requires_grad=True)
+    out = active_query_attention(q, q, q, torch.ones(2, 8, dtype=torch.bool))
+    assert type(out.grad_fn).__name__ == "AddBackward0"  # the PyTorch path
+
+
 @needs_triton
 def test_triton_backend_on_cpu_without_interpreter_says_how_to_enable_it(monkeypatch):
     monkeypatch.setattr(attn_kernel, "INTERPRETED", False)

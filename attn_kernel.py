@@ -28,7 +28,7 @@ in a CUDA graph. `reference_attention` is the dense oracle.
 
 Triton is optional: where it is not installed (there are no triton wheels for macOS or Windows) the module
 still imports, backend="auto" takes the PyTorch path and backend="triton" raises an ImportError that says
-how to get it. Likewise on CPU tensors where Triton's interpreter cannot run (Triton 3.6 with NumPy 2.4).
+how to get it. Likewise where Triton's interpreter is on and cannot run (Triton 3.6 with NumPy 2.4).
 """
 import contextlib
 import math
@@ -65,7 +65,7 @@ def _interpreter_conflict(triton_version, numpy_version):
     return None
 
 
-# Where it holds, backend="auto" takes the PyTorch path on CPU tensors and backend="triton" raises it.
+# Where it holds, backend="auto" takes the PyTorch path and backend="triton" raises it.
 INTERPRETER_CONFLICT = None
 if INTERPRETED:
     import numpy  # the interpreter runs on NumPy arrays
@@ -431,7 +431,7 @@ def active_query_attention(q, k, v, active, scale=None, backend="auto", block_m=
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
     if backend == "auto":
-        usable = HAS_TRITON and (q.is_cuda or (INTERPRETED and not INTERPRETER_CONFLICT)) \
+        usable = HAS_TRITON and (q.is_cuda or INTERPRETED) and not INTERPRETER_CONFLICT \
             and _triton_unsupported_reason(q) is None
         backend = "triton" if usable else "torch"
     if backend == "torch":
@@ -442,7 +442,7 @@ def active_query_attention(q, k, v, active, scale=None, backend="auto", block_m=
     if not (q.is_cuda or INTERPRETED):
         raise ValueError("backend='triton' on CPU tensors needs Triton's interpreter: set the environment "
                          "variable TRITON_INTERPRET=1 before importing attn_kernel, or use backend='torch'")
-    if not q.is_cuda and INTERPRETER_CONFLICT:
+    if INTERPRETER_CONFLICT:  # with TRITON_INTERPRET=1 CUDA tensors are interpreted too
         raise RuntimeError(INTERPRETER_CONFLICT)
     reason = _triton_unsupported_reason(q)
     if reason is not None:

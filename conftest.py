@@ -5,8 +5,9 @@ Without a GPU the Triton kernels run in Triton's CPU interpreter. It reads TRITO
 before anything imports it.
 
 Where triton is not installed (macOS, Windows), or its interpreter cannot run with the installed NumPy
-(Triton 3.6 with NumPy 2.4), tests marked `needs_triton` skip and say so; every other test runs. `run_without_triton` runs code in a fresh Python in which `import triton` fails, so that the
-no-triton case is tested on machines that have it too.
+(Triton 3.6 with NumPy 2.4), tests marked `needs_triton` skip and say so; every other test runs.
+`run_without_triton` runs code in a fresh Python in which `import triton` fails, so that the no-triton
+case is tested on machines that have it too.
 """
 import os
 import subprocess

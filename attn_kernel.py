@@ -320,7 +320,10 @@ def _tile_sizes(kernel, head_dim, dtype, block_m, block_n):
         default_m, default_n = 32, 32
     else:
         resident = 128 if dtype.itemsize == 2 else 64
-        streamed = 64 if kernel == "forward" and head_dim <= 64 else 32
+        if kernel == "forward":
+            streamed = 64 if head_dim <= 64 else 32
+        else:  # fp32 at D >= 64 spills registers with 32 streamed rows or keys, even with 8 warps
+            streamed = 16 if dtype.itemsize == 4 and head_dim >= 64 else 32
         default_m, default_n = (streamed, resident) if kernel == "dkdv" else (resident, streamed)
     return block_m or default_m, block_n or default_n
 
@@ -328,10 +331,15 @@ def _tile_sizes(kernel, head_dim, dtype, block_m, block_n):
 def _launch_options(q):
     # fp32 dots would run in TF32 on a GPU; "ieee" keeps them exact. For fp16/bf16 operands the
     # precision setting has no effect and Triton's default ("tf32") is passed. fp32 is the exact path,
-    # not the fast one: compiled for an H100 with Triton 3.6, its backward spills registers at D >= 32
-    # and its forward at D = 64.
+    # not the fast one. Its exact dots hold more in registers: with 4 warps its forward and backward spill
+    # from D = 32 on (kilobytes per thread at D = 64), with 8 warps (and the tiles above) nothing does, as
+    # compiled for an H100 by Triton 3.6 and 3.9 (python bench.py --compile).
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    return dict(DOT_PRECISION=dot_precision, num_warps=8 if q.shape[-1] == 128 else 4, num_stages=3)
+    wide = q.shape[-1] == 128 or (q.dtype == torch.float32 and q.shape[-1] >= 32)
+    return dict(DOT_PRECISION=dot_precision, num_warps=8 if wide else 4, num_stages=3)
+
+
+_PREPARE_WARPS = 4  # the prepare kernel does no matmul
 
 
 def _row_strides(x):
@@ -362,7 +370,7 @@ def _triton_backward(q, k, v, out, lse, dout, active, scale, block_m, block_n, n
     rows_per_program, listing_step = _tile_sizes("prepare", head_dim, q.dtype, None, None)
     _attention_backward_prepare_kernel[(triton.cdiv(seq_len, rows_per_program), heads, batch)](
         out, dout, active, delta, active_rows, active_counts, *_row_strides(dout), *active.stride(),
-        heads, seq_len, HEAD_DIM=head_dim, BLOCK_M=rows_per_program, SCAN_BLOCK=listing_step, num_warps=4,
+        heads, seq_len, HEAD_DIM=head_dim, BLOCK_M=rows_per_program, SCAN_BLOCK=listing_step, num_warps=_PREPARE_WARPS,
     )
 
     dq_m, dq_n = _tile_sizes("dq", head_dim, q.dtype, block_m, block_n)

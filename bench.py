@@ -50,13 +50,21 @@ it); those wall times say nothing about a GPU.
     python bench.py            # the default sweep and the BoE step; estimated 2 minutes on an H100 (not yet run)
     python bench.py --quick    # L 2048 and 4096, rho 1/16, 1/4 and 1/2 (every goal's size), the BoE step
     python bench.py --json results.json --dtype fp16 --seq-lens 4096 --head-dims 64 --fractions 1/4
+    python bench.py --compile  # no GPU needed: registers, spills and shared memory of every launch
+
+--compile compiles the three Triton launches (forward, backward prepare, backward) with their default tiles
+and options, for each dtype and head dim, for this GPU's compute capability or, without a GPU, an H100's
+(9.0), and reads ptxas's report; nothing runs, so it needs triton (Linux) but no GPU.
 """
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import statistics
+import subprocess
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -371,6 +379,103 @@ def kernel_sweep(impls, candidate, reference, shapes, fractions, device, dtype, 
     return rows, [c for c in checks if c is not None], listing
 
 
+# The kernels' pointer arguments that do not hold the input dtype; their other arguments are int32 but
+# for the two softmax scales.
+POINTER_TYPES = {"Lse": "fp32", "Delta": "fp32", "ActiveRows": "i32", "ActiveCounts": "i32", "Active": "i1"}
+POINTER_ARGS = {"Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV", *POINTER_TYPES}
+FLOAT_ARGS = {"qk_scale", "sm_scale"}
+SMEM_LIMIT = {(8, 0): 166912, (9, 0): 232448}  # bytes of shared memory a program may use, by capability
+
+
+def kernel_launches(dtype, head_dim):
+    """(name, kernel, constexprs, launch options) of the three Triton launches for inputs of this dtype and
+    head dim, with the tiles and options the launch wrappers in attn_kernel.py choose by default."""
+    options = attn_kernel._launch_options(torch.empty(0, head_dim, dtype=dtype))
+    precision = dict(DOT_PRECISION=options.pop("DOT_PRECISION"))
+    forward_m, forward_n = attn_kernel._tile_sizes("forward", head_dim, dtype, None, None)
+    prepare_m, listing_step = attn_kernel._tile_sizes("prepare", head_dim, dtype, None, None)
+    dq_m, dq_n = attn_kernel._tile_sizes("dq", head_dim, dtype, None, None)
+    kv_m, kv_n = attn_kernel._tile_sizes("dkdv", head_dim, dtype, None, None)
+    return [
+        ("forward", attn_kernel._attention_forward_kernel,
+         dict(HEAD_DIM=head_dim, BLOCK_M=forward_m, BLOCK_N=forward_n, **precision), options),
+        ("prepare", attn_kernel._attention_backward_prepare_kernel,
+         dict(HEAD_DIM=head_dim, BLOCK_M=prepare_m, SCAN_BLOCK=listing_step), dict(num_warps=attn_kernel._PREPARE_WARPS)),
+        ("backward", attn_kernel._attention_backward_kernel,
+         dict(HEAD_DIM=head_dim, DQ_BLOCK_M=dq_m, DQ_BLOCK_N=dq_n, KV_BLOCK_M=kv_m, KV_BLOCK_N=kv_n, **precision),
+         options),
+    ]
+
+
+def compile_kernel(kernel, dtype, constexprs, options, capability):
+    """Compiles a Triton kernel for a CUDA GPU of this compute capability (none needs to be present), with
+    16-byte aligned pointers and strides, as for contiguous inputs. Returns (shared memory in bytes,
+    ptxas's report of the kernel: registers per thread and bytes spilled)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    from triton.compiler import ASTSource
+
+    element = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in POINTER_ARGS:
+            signature[name] = "*" + POINTER_TYPES.get(name, element)
+        else:
+            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
+        if name in POINTER_ARGS or name.startswith("stride"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    arch = capability[0] * 10 + capability[1]
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                              options=options)
+    with tempfile.TemporaryDirectory() as folder:  # ptxas again, for its report (Triton keeps only the binary)
+        ptx = os.path.join(folder, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        report = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", ptx,
+                                 "-o", os.path.join(folder, "kernel.o")], capture_output=True, text=True, check=True)
+    registers = re.search(r"Used (\d+) registers", report.stderr)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report.stderr)
+    return compiled.metadata.shared, dict(registers=int(registers[1]) if registers else None,
+                                          spill_stores=int(spills[1]) if spills else None,
+                                          spill_loads=int(spills[2]) if spills else None)
+
+
+def compile_report(head_dims, capability):
+    """Every launch at every dtype and head dim compiled for `capability`: one row each, printed."""
+    import triton
+
+    print(f"The Triton kernels compiled by Triton {triton.__version__} for compute capability "
+          f"{capability[0]}.{capability[1]}, with their default tiles (rows x keys; the prepare kernel: rows x rows "
+          f"per listing step; the backward: dQ / dK, dV); nothing runs. Per thread: registers and bytes spilled to "
+          f"local memory (stores / loads); per program: shared memory.")
+    print(f"{'dtype':<9}{'D':>4}  {'kernel':<9}{'tiles':>17}{'warps':>6}{'registers':>10}{'spilled':>15}"
+          f"{'shared KiB':>11}")
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for head_dim in head_dims:
+            for name, kernel, constexprs, options in kernel_launches(dtype, head_dim):
+                tiles = " / ".join(f"{constexprs[m]}x{constexprs[n]}" for m, n in (
+                    ("BLOCK_M", "BLOCK_N"), ("BLOCK_M", "SCAN_BLOCK"), ("DQ_BLOCK_M", "DQ_BLOCK_N"),
+                    ("KV_BLOCK_M", "KV_BLOCK_N")) if m in constexprs and n in constexprs)
+                row = dict(dtype=str(dtype).removeprefix("torch."), head_dim=head_dim, kernel=name, tiles=tiles,
+                           num_warps=options["num_warps"])
+                compiled = attempt(f"compile {name} {row['dtype']} D={head_dim}",
+                                   lambda: compile_kernel(kernel, dtype, constexprs, options, capability))
+                if compiled is not None:
+                    row.update(shared=compiled[0], **compiled[1])
+                    limit = SMEM_LIMIT.get(tuple(capability))
+                    row["fits"] = None if limit is None else row["shared"] <= limit
+                    spilled = f"{fmt(row['spill_stores'], 'd')} / {fmt(row['spill_loads'], 'd')}"
+                    print(f"{row['dtype']:<9}{head_dim:>4}  {name:<9}{tiles:>17}{row['num_warps']:>6}"
+                          f"{fmt(row['registers'], 'd'):>10}{spilled:>15}{row['shared'] / 1024:>11.1f}"
+                          f"{'  (over the limit)' if row['fits'] is False else ''}", flush=True)
+                rows.append(row)
+    return rows
+
+
 def cuda_broken():
     """True once a measurement failed with a CUDA error, which poisons every later launch."""
     return any("CUDA error" in e["error"] or "illegal memory access" in e["error"] for e in ERRORS)
@@ -569,6 +674,9 @@ def main():
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="GPU dtype (CPU uses fp32)")
     parser.add_argument("--quick", action="store_true", help="a few sizes only")
     parser.add_argument("--json", metavar="PATH", help="write every number here")
+    parser.add_argument("--compile", action="store_true", help="only compile the Triton kernels for this GPU, or "
+                        "without one for an H100 (compute capability 9.0), and print registers, spills and shared "
+                        "memory per dtype, head dim and kernel")
     args = parser.parse_args()
     if args.json:  # written at the end, even of a broken run: a place that cannot be written fails now
         try:
@@ -576,6 +684,22 @@ def main():
         except OSError as err:
             parser.error(f"cannot write {args.json}: {err.strerror or err}")
     gpu = torch.cuda.is_available()
+    if args.compile:
+        if not attn_kernel.HAS_TRITON:
+            parser.error(f"--compile compiles the Triton kernels: {attn_kernel.TRITON_MISSING}")
+        if attn_kernel.INTERPRETED:
+            parser.error("--compile needs the compiler, not Triton's interpreter: unset TRITON_INTERPRET")
+        head_dims = args.head_dims or attn_kernel.SUPPORTED_HEAD_DIMS
+        if not set(head_dims) <= set(attn_kernel.SUPPORTED_HEAD_DIMS):
+            parser.error(f"the Triton kernels take head dims {attn_kernel.SUPPORTED_HEAD_DIMS}; got {head_dims}")
+        capability = torch.cuda.get_device_capability() if gpu else (9, 0)
+        rows = compile_report(head_dims, capability)
+        print(f"\n{len(ERRORS)} errors")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(triton=attn_kernel.triton.__version__, capability=list(capability), compiled=rows,
+                               errors=ERRORS), f, indent=1)
+        return
     if gpu and not attn_kernel.HAS_TRITON:
         parser.error(f"on a GPU, bench.py times the Triton kernels: {attn_kernel.TRITON_MISSING}")
     device = "cuda" if gpu else "cpu"

@@ -8,6 +8,9 @@ Without triton installed the Triton tests skip, and one test checks the module w
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 import textwrap
 from typing import Optional
 from unittest import mock
@@ -539,6 +542,26 @@ def test_bench_cpu_path_runs_without_triton_and_writes_json(tmp_path):
     assert "No CUDA GPU" in result.stdout and "0 errors, 0 failed checks" in result.stdout
     report = json.loads(out.read_text())
     assert report["triton"] is None and report["kernel"] and all(check["ok"] for check in report["checks"])
+
+
+@needs_triton
+def test_kernels_compile_for_an_h100_within_its_shared_memory(tmp_path):
+    # The interpreter runs the kernels' semantics, not Triton's compiler: bench.py --compile compiles every
+    # launch for compute capability 9.0 (or this GPU's) on any machine, here in a Python without
+    # TRITON_INTERPRET. At D = 64 in every dtype each launch must compile, with at most 255 registers a
+    # thread and the shared memory an H100 gives a program.
+    out = tmp_path / "compiled.json"
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "bench.py", "--compile", "--head-dims", "64", "--json", str(out)],
+                            cwd=os.path.dirname(__file__), env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["errors"] == [] and "0 errors" in result.stdout
+    launches = {(row["dtype"], row["head_dim"], row["kernel"]) for row in report["compiled"]}
+    assert launches == {(dtype, 64, kernel) for dtype in ("bfloat16", "float16", "float32")
+                        for kernel in ("forward", "prepare", "backward")}
+    for row in report["compiled"]:
+        assert 0 < row["registers"] <= 255 and row["fits"] is not False, row
 
 
 def test_bench_json_that_cannot_be_written_fails_before_the_run(tmp_path):

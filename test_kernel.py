@@ -565,6 +565,21 @@ def test_kernels_compile_for_an_h100_within_its_shared_memory(tmp_path):
         assert 0 < row["registers"] <= 255 and row["fits"] is not False, row
 
 
+def test_bench_compile_without_triton_says_how_to_get_it():
+    result = run_without_triton("import runpy; runpy.run_path('bench.py', run_name='__main__')", "--compile")
+    assert result.returncode == 2 and "needs the triton package" in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(not attn_kernel.HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("interpret, head_dims, message", [
+    ("1", ["64"], "unset TRITON_INTERPRET"), ("0", ["64", "48"], "head dims (16, 32, 64, 128)")])
+def test_bench_compile_refuses_the_interpreter_and_other_head_dims(interpret, head_dims, message):
+    env = dict(os.environ, TRITON_INTERPRET=interpret)
+    result = subprocess.run([sys.executable, "bench.py", "--compile", "--head-dims", *head_dims], env=env,
+                            cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
 def test_bench_json_that_cannot_be_written_fails_before_the_run(tmp_path):
     blocker = tmp_path / "a-file"  # a file where the path wants a folder: unwritable, even for root
     blocker.write_text("")

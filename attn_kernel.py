@@ -309,17 +309,22 @@ def _tile_sizes(kernel, head_dim, dtype, block_m, block_n):
     """(BLOCK_M query rows, BLOCK_N keys) for `kernel`; explicit block_m / block_n override both.
 
     On a GPU the resident tile (queries in the forward and dQ programs, keys in dK/dV) is large and the
-    streamed one small, as in FlashAttention-2; fp32 halves the resident tile to fit shared memory. The
-    CPU interpreter pays per loop iteration, so it uses moderate square tiles. For "prepare" it is (rows
-    per Delta program, rows per step of the row listing), which no override changes: that kernel does no
-    matmul, and a long listing step keeps its serial pass over L short on a GPU.
+    streamed one small, as in FlashAttention-2; fp32 halves the resident tile (quarters it at D = 128) to fit
+    shared memory. The tiles are sized for compute capability 8.0 and newer (python bench.py --compile
+    checks them): a Turing GPU (7.5) gives a program 64 KiB, and there the half-precision kernels would
+    spill kilobytes a thread, so "auto" takes the PyTorch path on it. The CPU interpreter pays per loop
+    iteration, so it uses moderate square tiles. For "prepare" it is (rows per Delta program, rows per
+    step of the row listing), which no override changes: that kernel does no matmul, and a long listing
+    step keeps its serial pass over L short on a GPU.
     """
     if kernel == "prepare":
         return 32, 32 if INTERPRETED else 1024
     if INTERPRETED:
         default_m, default_n = 32, 32
     else:
-        resident = 128 if dtype.itemsize == 2 else 64
+        # fp32 at D = 128 keeps 32 resident rows or keys: with 64 its launches need 100 to 104 KiB of shared
+        # memory, more than the 99 KiB that GPUs of compute capability 8.6, 8.9 and 12.0 give a program.
+        resident = 128 if dtype.itemsize == 2 else 32 if head_dim == 128 else 64
         if kernel == "forward":
             streamed = 64 if head_dim <= 64 else 32
         else:  # fp32 at D >= 64 spills registers with 32 streamed rows or keys, even with 8 warps
@@ -497,7 +502,16 @@ def _triton_unsupported_reason(q):
         return f"backend='triton' supports dtype float16, bfloat16 and float32, got {q.dtype}"
     if q.dtype == torch.bfloat16 and INTERPRETED:
         return "backend='triton' does not support dtype bfloat16 in Triton's CPU interpreter; use a GPU or float32"
+    capability = _cuda_capability(q)
+    if capability is not None and capability < (8, 0):  # see _tile_sizes
+        return (f"backend='triton' needs a GPU of compute capability 8.0 or newer (Ampere on); this one has "
+                f"{capability[0]}.{capability[1]}: use backend='torch'")
     return None
+
+
+def _cuda_capability(x):
+    """(major, minor) of the GPU that holds x, or None for a CPU tensor."""
+    return torch.cuda.get_device_capability(x.device) if x.is_cuda else None
 
 
 # --------------------------------------------------------------------------------------------------

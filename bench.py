@@ -384,7 +384,11 @@ def kernel_sweep(impls, candidate, reference, shapes, fractions, device, dtype, 
 POINTER_TYPES = {"Lse": "fp32", "Delta": "fp32", "ActiveRows": "i32", "ActiveCounts": "i32", "Active": "i1"}
 POINTER_ARGS = {"Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV", *POINTER_TYPES}
 FLOAT_ARGS = {"qk_scale", "sm_scale"}
-SMEM_LIMIT = {(8, 0): 166912, (9, 0): 232448}  # bytes of shared memory a program may use, by capability
+# The shared memory a program may use (opt-in), in bytes, by compute capability (CUDA C++ Programming Guide):
+# 163 KiB on A100 (8.0) and Jetson Orin (8.7), 227 KiB on H100/H200 (9.0) and B200 (10.0), 99 KiB on the
+# RTX 30, 40 and 50 series and the L4 (8.6, 8.9, 12.0), 64 KiB on Turing (7.5).
+SMEM_LIMIT = {(7, 5): 65536, (8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): 232448,
+              (10, 0): 232448, (12, 0): 101376}
 
 
 def kernel_launches(dtype, head_dim):
@@ -677,6 +681,8 @@ def main():
     parser.add_argument("--compile", action="store_true", help="only compile the Triton kernels for this GPU, or "
                         "without one for an H100 (compute capability 9.0), and print registers, spills and shared "
                         "memory per dtype, head dim and kernel")
+    parser.add_argument("--capability", metavar="MAJOR.MINOR", help="with --compile: compile for GPUs of this "
+                        "compute capability instead, e.g. 8.6 (RTX 30 series)")
     args = parser.parse_args()
     if args.json:  # written at the end, even of a broken run: a place that cannot be written fails now
         try:
@@ -684,6 +690,8 @@ def main():
         except OSError as err:
             parser.error(f"cannot write {args.json}: {err.strerror or err}")
     gpu = torch.cuda.is_available()
+    if args.capability and not args.compile:
+        parser.error("--capability goes with --compile")
     if args.compile:
         if not attn_kernel.HAS_TRITON:
             parser.error(f"--compile compiles the Triton kernels: {attn_kernel.TRITON_MISSING}")
@@ -693,6 +701,10 @@ def main():
         if not set(head_dims) <= set(attn_kernel.SUPPORTED_HEAD_DIMS):
             parser.error(f"the Triton kernels take head dims {attn_kernel.SUPPORTED_HEAD_DIMS}; got {head_dims}")
         capability = torch.cuda.get_device_capability() if gpu else (9, 0)
+        if args.capability:
+            if not re.fullmatch(r"\d+\.\d", args.capability):
+                parser.error(f"--capability must be MAJOR.MINOR, e.g. 8.6; got {args.capability!r}")
+            capability = tuple(int(part) for part in args.capability.split("."))
         rows = compile_report(head_dims, capability)
         print(f"\n{len(ERRORS)} errors")
         if args.json:

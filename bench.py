@@ -714,6 +714,9 @@ def main():
         return
     if gpu and not attn_kernel.HAS_TRITON:
         parser.error(f"on a GPU, bench.py times the Triton kernels: {attn_kernel.TRITON_MISSING}")
+    if gpu and torch.cuda.get_device_capability() < (8, 0):
+        parser.error("on a GPU, bench.py times the Triton kernels, which need compute capability 8.0 or newer "
+                     f"(Ampere on); this GPU has {'.'.join(map(str, torch.cuda.get_device_capability()))}")
     device = "cuda" if gpu else "cpu"
     seq_lens, head_dims, fractions = DEFAULTS[device, args.quick]
     seq_lens, head_dims = args.seq_lens or seq_lens, args.head_dims or head_dims

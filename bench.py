@@ -442,9 +442,11 @@ def compile_kernel(kernel, dtype, constexprs, options, capability):
                                  "-o", os.path.join(folder, "kernel.o")], capture_output=True, text=True, check=True)
     registers = re.search(r"Used (\d+) registers", report.stderr)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report.stderr)
+    ptx = compiled.asm["ptx"]  # which tensor-core instructions the matmuls became: Hopper's, Ampere's, or none
+    tensor_cores = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "none"
     return compiled.metadata.shared, dict(registers=int(registers[1]) if registers else None,
                                           spill_stores=int(spills[1]) if spills else None,
-                                          spill_loads=int(spills[2]) if spills else None)
+                                          spill_loads=int(spills[2]) if spills else None, tensor_cores=tensor_cores)
 
 
 def compile_report(head_dims, capability):
@@ -454,9 +456,10 @@ def compile_report(head_dims, capability):
     print(f"The Triton kernels compiled by Triton {triton.__version__} for compute capability "
           f"{capability[0]}.{capability[1]}, with their default tiles (rows x keys; the prepare kernel: rows x rows "
           f"per listing step; the backward: dQ / dK, dV); nothing runs. Per thread: registers and bytes spilled to "
-          f"local memory (stores / loads); per program: shared memory.")
+          f"local memory (stores / loads); per program: shared memory; and the tensor-core instructions the "
+          f"matmuls became (wgmma: Hopper's; mma: Ampere's; none: FMA).")
     print(f"{'dtype':<9}{'D':>4}  {'kernel':<9}{'tiles':>17}{'warps':>6}{'registers':>10}{'spilled':>15}"
-          f"{'shared KiB':>11}")
+          f"{'shared KiB':>11}{'tensor cores':>14}")
     rows = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for head_dim in head_dims:
@@ -475,7 +478,7 @@ def compile_report(head_dims, capability):
                     spilled = f"{fmt(row['spill_stores'], 'd')} / {fmt(row['spill_loads'], 'd')}"
                     print(f"{row['dtype']:<9}{head_dim:>4}  {name:<9}{tiles:>17}{row['num_warps']:>6}"
                           f"{fmt(row['registers'], 'd'):>10}{spilled:>15}{row['shared'] / 1024:>11.1f}"
-                          f"{'  (over the limit)' if row['fits'] is False else ''}", flush=True)
+                          f"{row['tensor_cores']:>14}{'  (over the limit)' if row['fits'] is False else ''}", flush=True)
                 rows.append(row)
     return rows
 

@@ -413,8 +413,8 @@ def kernel_launches(dtype, head_dim):
 
 def compile_kernel(kernel, dtype, constexprs, options, capability):
     """Compiles a Triton kernel for a CUDA GPU of this compute capability (none needs to be present), with
-    16-byte aligned pointers and strides, as for contiguous inputs. Returns (shared memory in bytes,
-    ptxas's report of the kernel: registers per thread and bytes spilled)."""
+    16-byte aligned pointers and strides, as for contiguous inputs. Returns (shared memory in bytes, a dict:
+    ptxas's registers per thread and bytes spilled, and the tensor-core instructions in the PTX)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
@@ -434,15 +434,17 @@ def compile_kernel(kernel, dtype, constexprs, options, capability):
     arch = capability[0] * 10 + capability[1]
     compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                               options=options)
+    ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as folder:  # ptxas again, for its report (Triton keeps only the binary)
-        ptx = os.path.join(folder, "kernel.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        report = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", ptx,
-                                 "-o", os.path.join(folder, "kernel.o")], capture_output=True, text=True, check=True)
+        ptx_path = os.path.join(folder, "kernel.ptx")
+        with open(ptx_path, "w") as f:
+            f.write(ptx)
+        report = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}",
+                                 ptx_path, "-o", os.path.join(folder, "kernel.o")], capture_output=True, text=True,
+                                check=True)
     registers = re.search(r"Used (\d+) registers", report.stderr)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report.stderr)
-    ptx = compiled.asm["ptx"]  # which tensor-core instructions the matmuls became: Hopper's, Ampere's, or none
+    # Which tensor-core instructions the matmuls became: Hopper's, Ampere's, or none.
     tensor_cores = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "none"
     return compiled.metadata.shared, dict(registers=int(registers[1]) if registers else None,
                                           spill_stores=int(spills[1]) if spills else None,
@@ -673,6 +675,28 @@ def goals(rows, boe_rows, checks):
                  direction=">=" if up else "<=") for g, m, t, up in table]
 
 
+def compile_main(parser, args, gpu):
+    """python bench.py --compile [--capability M.m] [--head-dims ...] [--json PATH]"""
+    if not attn_kernel.HAS_TRITON:
+        parser.error(f"--compile compiles the Triton kernels: {attn_kernel.TRITON_MISSING}")
+    if attn_kernel.INTERPRETED:
+        parser.error("--compile needs the compiler, not Triton's interpreter: unset TRITON_INTERPRET")
+    head_dims = args.head_dims or attn_kernel.SUPPORTED_HEAD_DIMS
+    if not set(head_dims) <= set(attn_kernel.SUPPORTED_HEAD_DIMS):
+        parser.error(f"the Triton kernels take head dims {attn_kernel.SUPPORTED_HEAD_DIMS}; got {head_dims}")
+    capability = torch.cuda.get_device_capability() if gpu else (9, 0)
+    if args.capability:
+        if not re.fullmatch(r"\d+\.\d", args.capability):
+            parser.error(f"--capability must be MAJOR.MINOR, e.g. 8.6; got {args.capability!r}")
+        capability = tuple(int(part) for part in args.capability.split("."))
+    rows = compile_report(head_dims, capability)
+    print(f"\n{len(ERRORS)} errors")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(triton=attn_kernel.triton.__version__, capability=list(capability), compiled=rows,
+                           errors=ERRORS), f, indent=1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths L")
@@ -696,25 +720,7 @@ def main():
     if args.capability and not args.compile:
         parser.error("--capability goes with --compile")
     if args.compile:
-        if not attn_kernel.HAS_TRITON:
-            parser.error(f"--compile compiles the Triton kernels: {attn_kernel.TRITON_MISSING}")
-        if attn_kernel.INTERPRETED:
-            parser.error("--compile needs the compiler, not Triton's interpreter: unset TRITON_INTERPRET")
-        head_dims = args.head_dims or attn_kernel.SUPPORTED_HEAD_DIMS
-        if not set(head_dims) <= set(attn_kernel.SUPPORTED_HEAD_DIMS):
-            parser.error(f"the Triton kernels take head dims {attn_kernel.SUPPORTED_HEAD_DIMS}; got {head_dims}")
-        capability = torch.cuda.get_device_capability() if gpu else (9, 0)
-        if args.capability:
-            if not re.fullmatch(r"\d+\.\d", args.capability):
-                parser.error(f"--capability must be MAJOR.MINOR, e.g. 8.6; got {args.capability!r}")
-            capability = tuple(int(part) for part in args.capability.split("."))
-        rows = compile_report(head_dims, capability)
-        print(f"\n{len(ERRORS)} errors")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(triton=attn_kernel.triton.__version__, capability=list(capability), compiled=rows,
-                               errors=ERRORS), f, indent=1)
-        return
+        return compile_main(parser, args, gpu)
     if gpu and not attn_kernel.HAS_TRITON:
         parser.error(f"on a GPU, bench.py times the Triton kernels: {attn_kernel.TRITON_MISSING}")
     if gpu and torch.cuda.get_device_capability() < (8, 0):

@@ -4,8 +4,9 @@ Without a GPU the Triton kernels run in Triton's CPU interpreter. It reads TRITO
 @triton.jit function is decorated, that is when attn_kernel is first imported, so it is set here,
 before anything imports it.
 
-Where triton is not installed (macOS, Windows), or its interpreter cannot run with the installed NumPy
-(Triton 3.6 with NumPy 2.4), tests marked `needs_triton` skip and say so; every other test runs.
+Where triton is not installed (macOS, Windows), its interpreter cannot run with the installed NumPy
+(Triton 3.6 with NumPy 2.4), or the GPU predates compute capability 8.0, tests marked `needs_triton` skip
+and say so; every other test runs.
 `run_without_triton` runs code in a fresh Python in which `import triton` fails, so that the no-triton
 case is tested on machines that have it too.
 """
@@ -23,11 +24,19 @@ if not HAS_GPU:
 
 import attn_kernel  # noqa: E402  (after TRITON_INTERPRET is set)
 
-# The Triton tests skip where triton is not installed, or where its CPU interpreter cannot run here.
-needs_triton = pytest.mark.skipif(
-    not attn_kernel.HAS_TRITON or attn_kernel.INTERPRETER_CONFLICT is not None,
-    reason=attn_kernel.INTERPRETER_CONFLICT or "triton is not installed (no triton wheels for macOS or Windows; "
-                                               "on Linux: pip install triton)")
+
+def _why_no_triton():
+    """Why the Triton tests cannot run here (a message), or None."""
+    if not attn_kernel.HAS_TRITON:
+        return "triton is not installed (no triton wheels for macOS or Windows; on Linux: pip install triton)"
+    if attn_kernel.INTERPRETER_CONFLICT:
+        return attn_kernel.INTERPRETER_CONFLICT
+    if HAS_GPU and torch.cuda.get_device_capability() < (8, 0):
+        return "the Triton kernels need a GPU of compute capability 8.0 or newer (Ampere on)"
+    return None
+
+
+needs_triton = pytest.mark.skipif(_why_no_triton() is not None, reason=_why_no_triton() or "")
 
 # Setting a module's entry in sys.modules to None makes importing it raise ImportError.
 HIDE_TRITON = "import sys; sys.modules['triton'] = None\n"

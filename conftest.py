@@ -36,7 +36,8 @@ def _why_no_triton():
     return None
 
 
-needs_triton = pytest.mark.skipif(_why_no_triton() is not None, reason=_why_no_triton() or "")
+NO_TRITON_REASON = _why_no_triton()
+needs_triton = pytest.mark.skipif(NO_TRITON_REASON is not None, reason=NO_TRITON_REASON or "")
 
 # Setting a module's entry in sys.modules to None makes importing it raise ImportError.
 HIDE_TRITON = "import sys; sys.modules['triton'] = None\n"

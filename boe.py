@@ -2,24 +2,17 @@
 
 A reference implementation of the sampler of "TABES: Trajectory-Aware Backward-on-Entropy Steering
 for Masked Diffusion Models" (Saini et al., arXiv 2602.00250). A masked diffusion model (MDM)
-generates by revealing [MASK] positions over a few steps. Usual samplers reveal the positions the
-model is most confident about. BoE reveals the positions whose reveal most lowers the uncertainty the
-model has left, estimated for every candidate at once from one backward pass: the Token Influence
-Score (TIS). ActiveQueryAttention (attn_kernel.py) keeps that backward cheap.
+generates by revealing [MASK] positions over a few steps. Usual samplers reveal what the model is
+most confident about; BoE reveals the positions whose reveal most lowers the uncertainty the model
+has left, estimated for every candidate at once from one backward pass: the Token Influence Score
+(TIS). ActiveQueryAttention (attn_kernel.py) keeps that backward cheap.
 
-The file reads top to bottom:
-  1. model      a tiny bidirectional transformer that also accepts soft input embeddings
-  2. task       a built-in synthetic task on which the order of reveals matters, and training
-  3. samplers   one decoding loop; order rules say which positions a step reveals, and the adaptive
-                ones (the entropy bound, the confidence threshold) also how many
-  4. BoE        the TIS derivation, and `boe_step`, one BoE step for any masked diffusion model, on a
-                fixed schedule or with the entropy bound deciding how many
-     checks     every bad input to `generate` and `boe_step` gets an error that names it
-  5. main       loads (or trains) the model and prints accuracy against compute for every rule
-
-Where the paper is silent, the choices made here are marked "[ours]" with the reason. The measurement
-behind the README (the task suite, several trained models, the frontier plot, the fidelity of TIS, the
-grid search, the ablations) is in experiments.py.
+Read top to bottom: 1. a tiny bidirectional transformer that also takes soft input embeddings;
+2. a built-in task on which the order of reveals matters, and training; 3. one decoding loop and its
+order rules, the adaptive ones (the entropy bound, the confidence threshold) also deciding how many a
+step reveals; 4. the TIS derivation and `boe_step`, one BoE step for any MDM, then the input checks;
+5. the main job. Choices the paper leaves open are marked [ours] with the reason. The measurement
+behind the README (task suite, grid search, ablations, plots) is in experiments.py.
 """
 import argparse
 import math
@@ -116,23 +109,16 @@ class MaskedDiffusionTransformer(nn.Module):
 # -----------------------------------------------------------------------------
 # 2. Task: "mark an open cell, then name it", and training
 #
-# Prompt: a row of N_CELLS cells, each open '.' or blocked '#'. Answer: one mark per cell, '*' on
-# exactly one open cell and '-' elsewhere, then the pivot: the number (1..N_CELLS) of the marked
-# cell. Any open cell may be chosen; the checker accepts every consistent answer. Example ('=' ends
-# the prompt, '_' is [MASK]):
+#     prompt  #..#.##.=_________     8 cells, open '.' or blocked '#'; '=' ends the prompt, '_' is [MASK]
+#     answer  #..#.##.=--*-----3     '*' on one open cell, '-' elsewhere, then that cell's number (the pivot)
 #
-#     prompt  #..#.##.=_________
-#     answer  #..#.##.=--*-----3      cell 3 is open, marked, and named
-#
-# Why the order of reveals matters: the marks of blocked cells are certain ('-'), the marks of the k
-# open cells are '-' with probability 1 - 1/k each, and the pivot is uniform over the open cells. A
-# confidence sampler therefore reveals the certain marks first and the pivot last. One reveal per
-# step that is harmless, but with several reveals per step the last open marks and the pivot are
-# committed together from their marginals (each mark '*' or '-' at 1/2, the pivot one of two cells)
-# and usually disagree. Revealing the pivot early settles every mark. The pivot is the decisive and
-# the least confident token, and necessarily so: a token that is a function of another is at least
-# as confident as it. Its uncertainty is a free choice (any open cell is right), not the model's
-# ignorance; tasks.py adds tasks where it is the other way round.
+# Any open cell may be chosen; the checker accepts every consistent answer. Blocked cells' marks are
+# certain, each of the k open cells' is '-' with probability 1 - 1/k, and the pivot is uniform over the
+# open cells. So a confidence sampler reveals the pivot last, and with several reveals a step it commits
+# the last open marks and the pivot together, each from its marginal: they usually disagree. Revealing
+# the pivot early settles every mark. The decisive token is the least confident one, necessarily: a
+# token that is a function of another is at least as confident as it. Its uncertainty is a free choice,
+# not the model's ignorance; tasks.py adds tasks where it is the other way round.
 
 N_CELLS = 8
 BLOCKED, OPEN, UNMARKED, MARKED, SEP, MASK = 8, 9, 10, 11, 12, 13  # ids 0..7 are the cell numbers 1..8
@@ -243,36 +229,31 @@ def train(model_cfg, train_cfg, make_batch=make_instances):
 @dataclass(frozen=True)  # one default instance is shared; variants are made with dataclasses.replace()
 class SamplerConfig:
     temperature: float = 0.0        # commit rule: 0 = argmax, > 0 = sample from p ** (1 / temperature)
-    entropy_bound: float = 0.1      # entropy-bound and boe-adaptive: gamma in nats (the EB-sampler's
-                                    # usual value, also the default of Hugging Face's entropy-bound sampler);
+    entropy_bound: float = 0.1      # gamma, nats: entropy-bound and boe-adaptive (the EB-sampler's usual value);
                                     # boe: no pick where the bound would reveal every masked position
     confidence_threshold: float = 0.9  # threshold: tau (Fast-dLLM's default)
-    adaptive_pick: str = "stuck"    # boe-adaptive: where BoE picks the step's free token: "stuck" = only at
-                                    # steps where the bound admits one token; "always" = at every step
-    backward_cost: float = 2.0      # boe-adaptive: a backward's price in forwards (what the README's tables
-                                    # charge); BoE picks only where a pick could save more forwards than that
-    # BoE's knobs (section 4). The defaults were chosen by experiments.py's grid search on tuning
-    # instances (seed 0) only; PAPER_BOE below is the paper's configuration.
-    linearize: str = "state"        # BoE: where the gradient is taken: "state" = the real state x_t, in
-                                    # the step's own forward; "surrogate" = every candidate soft (paper)
-    reveal: str = "onehot"          # BoE: a reveal's direction: "onehot" = E[argmax p] - E[MASK];
-                                    # "soft" = sum_v w(v) E[v] - E[MASK], w ~ p ** (1 / tau) (paper)
-    estimator: str = "norm-surprisal"  # BoE: influence from g: "tangent" (paper), "norm", "norm-surprisal",
+    adaptive_pick: str = "stuck"    # boe-adaptive: BoE picks the free token only where the bound admits one
+                                    # token ("stuck"), or at every step ("always", an ablation)
+    backward_cost: float = 2.0      # boe-adaptive: a backward's price in forwards, as the README's tables
+                                    # charge it; BoE picks only where a pick could save more than that
+    # BoE's knobs (section 4), chosen by experiments.py's grid search on tuning instances (seed 0) only
+    linearize: str = "state"        # where g is taken: "state" = x_t, in the step's own forward;
+                                    # "surrogate" = every candidate soft (paper)
+    reveal: str = "onehot"          # delta: "onehot" = E[argmax p] - E[MASK]; "soft" = the soft embedding (paper)
+    estimator: str = "norm-surprisal"  # influence from g: "tangent" (paper), "norm", "norm-surprisal",
                                     # "norm-entropy" (influence_scores; the last three ignore `reveal`)
-    candidates: int = 0             # BoE: r, candidates per step (most confident first; at least the
-                                    # budget); 0 = every masked position
-    influential: int = 1            # BoE: reveals per step chosen by score, the rest of the budget by
-                                    # confidence; 0 = the whole budget by score (paper)
-    tau: float = 1.0                # BoE: sharpening temperature of the soft reveal, w ~ p ** (1 / tau)
-    gamma: float = 0.0              # BoE: exponent of the confidence gate c ** gamma (0 = no gate)
-    lam: float = 1.0                # BoE: weight of the anti-collapse penalty (0 = none)
-    h_max: float = 0.5              # BoE: entropy floor at the first step (nats); decays linearly
-    rho: float = 1.0                # BoE at the surrogate: probes capped to the ceil(rho * L) of highest
-                                    # entropy; active rows are the candidates plus these probes
-    use_tis: bool = True            # BoE ablation: False scores by gate and penalty alone
-    sparse_backward: bool = True    # BoE: the backward through the active rows only, O(|A| L d) (section 4);
-                                    # False: the exact one, for a logits_fn without an `active` keyword
-
+    candidates: int = 0             # r, candidates a step (most confident first, at least the budget);
+                                    # 0 = every masked position
+    influential: int = 1            # reveals a step chosen by score, the rest of the budget by confidence
+                                    # (or the bound); 0 = the whole budget by score (paper)
+    tau: float = 1.0                # sharpening temperature of the soft reveal, w ~ p ** (1 / tau)
+    gamma: float = 0.0              # exponent of the confidence gate c ** gamma (0 = no gate)
+    lam: float = 1.0                # weight of the anti-collapse penalty (0 = none)
+    h_max: float = 0.5              # the penalty's entropy floor at the first step (nats); decays linearly
+    rho: float = 1.0                # surrogate: probes capped to the ceil(rho * L) of highest entropy
+    use_tis: bool = True            # ablation: False scores by gate and penalty alone
+    sparse_backward: bool = True    # the backward through the active rows only, O(|A| L d); False: the
+                                    # exact one, for a logits_fn without an `active` keyword
 
 # The paper's configuration: the gradient at the all-soft surrogate state, the 8 most confident
 # positions as candidates, the whole budget ranked by score, the backward through the active rows.
@@ -456,36 +437,26 @@ def commit(logits, temperature, generators):
 #   linearize="surrogate"  (the paper) every candidate at its soft embedding e~_i = sum_v w_i(v) E[v],
 #       w_i ~ p_i ** (1 / tau), the other masked positions as probes: a second forward, one backward.
 #   linearize="state"  [ours] e* = embed(x_t), every masked position a probe: TIS_i expands the drop of
-#       revealing i alone, what the exact lookahead measures. e* is the input of the step's own forward,
-#       which runs with gradient tracking, so one backward follows and no second forward.
-#   reveal="soft"  delta_i = e~_i - E[MASK] (the paper); "onehot" E[argmax p_i] - E[MASK], the reveal
-#       the sampler commits [ours].
+#       revealing i alone, what the exact lookahead measures; e* is the input of the step's own forward,
+#       run with gradient tracking, so one backward follows and no second forward.
+#   reveal="soft"  delta_i = e~_i - E[MASK] (the paper); "onehot" E[argmax p_i] - E[MASK], what is committed [ours].
 # From g to a score: the paper's tangent, or |g_i| weighed by what the committed token tells
 # (influence_scores); then the paper's confidence gate and anti-collapse penalty (boe_scores).
 #
-# The set rule [ours]: a step's reveals are committed together, each from its marginal, and the tokens
-# that most lower everyone else's entropy are the most tied to each other, so two of them revealed
-# together can disagree. BoE picks one reveal by its score, and the rest of the step goes
-#   fixed schedule: to the most confident positions, nearly determined and so safe alongside. A step
-#       that reveals one token takes it by confidence: lowering the entropy left pays only because
-#       later steps commit several tokens at once.
-#   adaptive ("boe-adaptive"): to the entropy bound, which decides how many. BoE picks only where the
-#       bound admits a single token because nothing is near-certain, as a constraint solver branches only
-#       when propagation stalls: revealing near-certain tokens first costs at most gamma and may settle
-#       the uncertain ones where their uncertainty is the model's own, and an earlier pick would be a
-#       guess that waiting avoids. When nothing is near-certain one uncertain token must be revealed
-#       anyway (the bound's free token; alone, it makes no dependence error), and the one that most
-#       lowers the entropy left should let the next steps reveal the most. Fewer forwards are all a pick
-#       can buy, so BoE picks only where it could save more than its backward costs (boe_influence).
-# The backward runs only where a pick can change the step, as the step's forward tells: not where the budget
-# takes every revealable position, nor where the entropy bound would reveal them all at once (all but one
-# near-certain: boe_influence), nor, adaptive, where the bound admits more than one ("stuck") or too few
-# positions are left for a pick to pay. Elsewhere the graph is dropped and nothing is charged. With
-# sparse_backward (the paper's ActiveQueryAttention, attn_kernel.py) the attention passes gradient only
-# through the outputs of the active rows, the probes and candidates: exact in the last layer, an
-# approximation below, the price of an O(|A| L d) backward; with the default estimator it picks as well as
-# the exact backward on the suite (the README's grid search).
-
+# The set rule [ours]: a step commits its reveals together, each from its marginal, and the tokens that
+# most lower the others' entropy are the most tied to each other, so two of them revealed together can
+# disagree. BoE picks one reveal by score; the rest of the step goes to the most confident positions
+# (fixed schedule: nearly determined, so safe alongside) or to the entropy bound (adaptive). Adaptive, BoE
+# picks only where the bound is stuck, admitting one token because nothing is near-certain, as a
+# constraint solver branches only when propagation stalls: revealing near-certain tokens first costs at
+# most gamma and may settle the uncertain ones where the uncertainty is the model's own, and an earlier
+# pick would be a guess that waiting avoids. A stuck step reveals one uncertain token anyway (alone, it
+# makes no dependence error), and the one that most lowers the entropy left should let later steps
+# reveal the most: fewer forwards are all a pick can buy. So the backward runs only where the step's
+# forward says a pick can change the step and, adaptive, pay for itself (boe_influence); elsewhere the
+# graph is dropped and nothing is charged. With sparse_backward (the paper's ActiveQueryAttention,
+# attn_kernel.py) attention passes gradient only through the active rows' outputs, the probes and
+# candidates: exact in the last layer, an approximation below, for an O(|A| L d) backward.
 
 def call_logits_fn(logits_fn, embeds, active=None, vocab=None):
     """logits_fn(embeds), or logits_fn(embeds, active=active); a clear error where it returns no logits
@@ -545,17 +516,13 @@ def influence_scores(grad, delta, probs, candidates, cfg):
     """Each candidate's predicted influence [B, L] (0 elsewhere) from g = dH/de [B, L, D], the reveal's
     delta [B, L, D] and the step's predictions p [B, L, V]:
       "tangent"         TIS_i = -<g_i, delta_i>, the first-order drop of the entropy left (the paper)
-      "norm"            |g_i|, how strongly the entropy left depends on anything at i [ours]: a reveal moves
-                        e_i far along a curved path, where the tangent's sign and size are often wrong, but
-                        on average conditioning cannot raise entropy, so the size is kept
-      "norm-surprisal"  |g_i| E_v[-log p_i(v)], v the token the sampler commits [ours]: -log c_i for argmax
-                        (c_i = max_v p_i(v)), H_i when sampling at temperature 1. The gradient at E[MASK]
-                        treats committing a near-certain token, which says nothing, like committing an open
-                        choice; what a committed v tells the rest is its surprisal (exactly so where x_i is
-                        a function of a uniform rest, as a mark given the pivot). A mark committed as '-' at
-                        p = 3/4 rules out one cell of four: 0.29 nats, though its entropy is 0.56
-      "norm-entropy"    |g_i| H_i [ours], whatever the commit rule: a reveal lowers the rest's joint entropy
-                        by I(x_i; rest) <= H_i in expectation"""
+      "norm"            |g_i| [ours]: a reveal moves e_i far along a curved path, where the tangent's sign is
+                        often wrong; on average conditioning cannot raise entropy, so the size is kept
+      "norm-surprisal"  |g_i| E_v[-log p_i(v)], v the committed token [ours]: -log c_i at the argmax, H_i when
+                        sampling at temperature 1. At E[MASK] the gradient cannot tell a near-certain token
+                        from an open choice; what a committed v tells the rest is its surprisal (exactly so
+                        where x_i is a function of a uniform rest, as a mark given the pivot)
+      "norm-entropy"    |g_i| H_i [ours], whatever the commit rule: a reveal tells the rest I(x_i; rest) <= H_i"""
     if cfg.estimator == "tangent":
         return -(grad * delta.to(grad.dtype)).sum(-1) * candidates  # [B, L]
     size = grad.norm(dim=-1) * candidates  # [B, L]
@@ -618,6 +585,8 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
     pays = (masked.sum(1) - 2 > cfg.backward_cost) | (not adaptive)  # [B]
 
     def pick_counts(budget):  # [B] reveals chosen by score; none where the budget takes every position
+        # Fixed schedule: a one-token step goes by confidence, since lowering the entropy left pays only
+        # because later steps commit several tokens at once; adaptive, the pick is the step's free token.
         limit = budget if adaptive else budget - 1
         count = budget if cfg.influential == 0 else limit.clamp(0, cfg.influential)  # [B]
         return count * (budget < n_open) * pays

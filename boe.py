@@ -233,19 +233,19 @@ class SamplerConfig:
                                     # boe: no pick where the bound would reveal every masked position
     confidence_threshold: float = 0.9  # threshold: tau (Fast-dLLM's default)
     adaptive_pick: str = "stuck"    # boe-adaptive: BoE picks the free token only where the bound admits one
-                                    # token ("stuck"), or at every step ("always", an ablation)
+                                    # token ("stuck"), or at any step where a pick could pay ("always", an ablation)
     backward_cost: float = 2.0      # boe-adaptive: a backward's price in forwards, as the README's tables
                                     # charge it; BoE picks only where a pick could save more than that
     # BoE's knobs (section 4), chosen by experiments.py's grid search on tuning instances (seed 0) only
     linearize: str = "state"        # where g is taken: "state" = x_t, in the step's own forward;
-                                    # "surrogate" = every candidate soft (paper)
-    reveal: str = "onehot"          # delta: "onehot" = E[argmax p] - E[MASK]; "soft" = the soft embedding (paper)
+                                    # "surrogate" = every candidate at its reveal's embedding (paper)
+    reveal: str = "onehot"          # where a reveal moves e_i: "onehot" = E[argmax p]; "soft" = sum_v w(v) E[v] (paper)
     estimator: str = "norm-surprisal"  # influence from g: "tangent" (paper), "norm", "norm-surprisal",
-                                    # "norm-entropy" (influence_scores; the last three ignore `reveal`)
+                                    # "norm-entropy" (influence_scores; at the state the last three ignore `reveal`)
     candidates: int = 0             # r, candidates a step (most confident first, at least the budget);
                                     # 0 = every masked position
-    influential: int = 1            # reveals a step chosen by score, the rest of the budget by confidence
-                                    # (or the bound); 0 = the whole budget by score (paper)
+    influential: int = 1            # reveals a step chosen by score (fixed schedule: at most budget - 1), the
+                                    # rest by confidence (or the bound); 0 = the whole budget by score (paper)
     tau: float = 1.0                # sharpening temperature of the soft reveal, w ~ p ** (1 / tau)
     gamma: float = 0.0              # exponent of the confidence gate c ** gamma (0 = no gate)
     lam: float = 1.0                # weight of the anti-collapse penalty (0 = none)
@@ -255,8 +255,8 @@ class SamplerConfig:
     sparse_backward: bool = True    # the backward through the active rows only, O(|A| L d); False: the
                                     # exact one, for a logits_fn without an `active` keyword
 
-# The paper's configuration: the gradient at the all-soft surrogate state, the 8 most confident
-# positions as candidates, the whole budget ranked by score, the backward through the active rows.
+# The paper's configuration: the gradient at the surrogate state, the 8 most confident positions as
+# candidates at their soft embeddings, the whole budget ranked by score, the backward through the active rows.
 PAPER_BOE = SamplerConfig(linearize="surrogate", reveal="soft", estimator="tangent", candidates=8, influential=0)
 
 
@@ -277,6 +277,8 @@ class Step:
 def predict(model, tokens):
     """Logits and probabilities with [MASK] excluded: the model never proposes [MASK]."""
     logits = model(tokens).float()  # [B, L, V]
+    if logits.isnan().any():
+        raise ValueError("the model returned NaN logits")
     logits[..., model.mask_id] = -math.inf
     return logits, logits.softmax(-1)  # [B, L, V], [B, L, V]
 
@@ -289,7 +291,9 @@ def top_masked(values, masked, count):
     """Per row, the `count[b]` masked positions with the largest values: positions [B, K] and a
     validity mask [B, K] (rows with fewer masked positions get fewer valid entries)."""
     k = min(int(count.max()), values.shape[1]) if len(count) else 0
-    ranked = values.masked_fill(~masked, -math.inf).argsort(dim=1, descending=True, stable=True)  # [B, L]
+    lowest = torch.finfo(values.dtype).min  # a masked position ranks above every other, -inf or NaN included
+    values = values.nan_to_num(nan=lowest, posinf=math.inf, neginf=lowest).masked_fill(~masked, -math.inf)  # [B, L]
+    ranked = values.argsort(dim=1, descending=True, stable=True)  # [B, L]
     positions = ranked[:, :k]  # [B, K] ties go to the left, as in the decoding loop
     valid = torch.arange(k, device=values.device) < torch.minimum(count, masked.sum(1))[:, None]  # [B, K]
     return positions, valid
@@ -297,7 +301,8 @@ def top_masked(values, masked, count):
 
 def entropy_bound_count(own_entropy, masked, bound):
     """The EB-sampler's step size [B]: the longest run of masked positions, in ascending entropy, whose
-    entropies all but the largest sum to at most `bound`; at least 1 where a position is masked."""
+    entropies all but the largest sum to at most `bound`; at least 1 where a position is masked (and the
+    entropies are not NaN)."""
     ascending = own_entropy.masked_fill(~masked, math.inf).sort(1).values  # [B, L]
     finite = ascending.isfinite()  # [B, L] the masked ones, first
     before = F.pad(ascending.masked_fill(~finite, 0.0).cumsum(1)[:, :-1], (1, 0))  # [B, L] sum of the smaller
@@ -358,7 +363,7 @@ def generate(model, prompts, steps, order="boe", cfg=SamplerConfig(), seed=0):
     [B], as the adaptive rules do).
 
     Returns (tokens [B, L], record). Row b draws its random numbers (random order, sampling) from a
-    generator seeded with seed + b, so a row gives the same output alone as in a batch. record:
+    generator seeded with seed + b, so row b gives the same output in a batch as alone with seed + b. record:
       reveal_step [B, L]  step at which each position was revealed (-1: given in the prompt)
       forwards    [B]     forward passes spent on each row (a row with nothing masked costs none)
       backwards   [B]     backward passes spent on each row
@@ -413,7 +418,8 @@ def commit(logits, temperature, generators):
     `logits` has the [MASK] column at -inf, so [MASK] is never committed."""
     if temperature == 0:
         return logits.argmax(-1)  # [B, L]
-    sharpened = (logits / temperature).softmax(-1).cpu()  # [B, L, V]
+    shifted = logits - logits.amax(-1, keepdim=True)  # [B, L, V] <= 0: a tiny temperature cannot overflow it
+    sharpened = (shifted / temperature).softmax(-1).cpu()  # [B, L, V]
     return torch.stack([torch.multinomial(row, 1, generator=g)[:, 0]
                         for row, g in zip(sharpened, generators)]).to(logits.device)  # [B, L]
 
@@ -435,11 +441,12 @@ def commit(logits, temperature, generators):
 # g is the gradient of one scalar, so one backward gives the TIS of every position at once. Where to take
 # it (e*) and which way a reveal points (delta):
 #   linearize="surrogate"  (the paper) every candidate at its soft embedding e~_i = sum_v w_i(v) E[v],
-#       w_i ~ p_i ** (1 / tau), the other masked positions as probes: a second forward, one backward.
+#       w_i ~ p_i ** (1 / tau) (with reveal="soft"), the other masked positions as probes: a second forward
+#       and one backward, where some masked position is not a candidate.
 #   linearize="state"  [ours] e* = embed(x_t), every masked position a probe: TIS_i expands the drop of
 #       revealing i alone, what the exact lookahead measures; e* is the input of the step's own forward,
 #       run with gradient tracking, so one backward follows and no second forward.
-#   reveal="soft"  delta_i = e~_i - E[MASK] (the paper); "onehot" E[argmax p_i] - E[MASK], what is committed [ours].
+#   reveal="soft"  delta_i = e~_i - E[MASK] (the paper); "onehot" E[argmax p_i] - E[MASK], the argmax commit [ours].
 # From g to a score: the paper's tangent, or |g_i| weighed by what the committed token tells
 # (influence_scores); then the paper's confidence gate and anti-collapse penalty (boe_scores).
 #
@@ -494,7 +501,9 @@ def probe_entropy_gradient(logits, embeds, probes, mask_id=None):
         if mask_id is not None:
             rows = rows[:, torch.arange(rows.shape[-1], device=rows.device) != mask_id]  # [N, V-1]
         precision = torch.promote_types(rows.dtype, torch.float32)  # at least fp32 for the entropy
-        logp = rows.to(precision).log_softmax(-1)  # [N, V']
+        # A token at -inf (one the model never predicts, log-probabilities of 0) adds p log p = 0 to H and
+        # nothing to g; the clamp keeps 0 * -inf = NaN out of both.
+        logp = rows.to(precision).log_softmax(-1).clamp_min(torch.finfo(precision).min)  # [N, V']
         (grad,) = torch.autograd.grad(-(logp.exp() * logp).sum(), embeds, allow_unused=True)  # [B, L, D]
     if grad is None:
         raise ValueError("the logits do not depend on the input embeddings: logits_fn must feed its argument to the "
@@ -529,7 +538,8 @@ def influence_scores(grad, delta, probs, candidates, cfg):
     if cfg.estimator == "norm-surprisal" and cfg.temperature == 0:
         return size * -probs.amax(-1).log()  # [B, L]; c_i >= 1 / V, so the log is finite
     if cfg.estimator == "norm-surprisal":  # v ~ p ** (1 / temperature), as commit() draws it
-        committed = (probs.log() / cfg.temperature).softmax(-1)  # [B, L, V]
+        log_probs = probs.log()  # [B, L, V]
+        committed = ((log_probs - log_probs.amax(-1, keepdim=True)) / cfg.temperature).softmax(-1)  # [B, L, V]
         return size * -torch.special.xlogy(committed, probs).sum(-1)  # [B, L]; 0 log 0 = 0 at [MASK]
     return size * entropy(probs) if cfg.estimator == "norm-entropy" else size  # [B, L]
 
@@ -546,7 +556,8 @@ def boe_step(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, progres
     logits_fn  : embeds [B, L, D] -> logits [B, L, V]; with cfg.sparse_backward also called as
                  logits_fn(e, active=rows)
     mask_id    : id of [MASK]
-    cfg        : SamplerConfig, BoE's knobs (and cfg.entropy_bound when adaptive)
+    cfg        : SamplerConfig, BoE's knobs; cfg.entropy_bound says how many when adaptive, and on the fixed
+                 schedule rules out a pick where the bound would reveal every revealable position
     progress   : steps left / steps: 1 at the first step, 1 / T at the last; scales the penalty floor
     revealable : bool [B, L] positions that may be revealed now (the current block of a block-wise
                  decoder); default every masked position
@@ -585,8 +596,8 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
     pays = (masked.sum(1) - 2 > cfg.backward_cost) | (not adaptive)  # [B]
 
     def pick_counts(budget):  # [B] reveals chosen by score; none where the budget takes every position
-        # Fixed schedule: a one-token step goes by confidence, since lowering the entropy left pays only
-        # because later steps commit several tokens at once; adaptive, the pick is the step's free token.
+        # Fixed schedule, with `influential` reveals by score: a one-token step goes by confidence, since lowering
+        # the entropy left pays only because later steps commit several at once; adaptive, BoE picks the free token.
         limit = budget if adaptive else budget - 1
         count = budget if cfg.influential == 0 else limit.clamp(0, cfg.influential)  # [B]
         return count * (budget < n_open) * pays
@@ -600,6 +611,8 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
                                     len(embedding))
     # A copy, also of float32 logits: a model's last op may keep its output for the backward (log_softmax does)
     logits = raw_logits.detach().to(torch.float32, copy=True)  # [B, L, V]
+    if logits.isnan().any():
+        raise ValueError("logits_fn returned NaN logits")
     logits[..., mask_id] = -math.inf  # the model never proposes [MASK]
     probs = logits.softmax(-1)  # [B, L, V]
     own_entropy = entropy(probs)  # [B, L]
@@ -610,7 +623,7 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
     if not adaptive:
         picks = picks * (bounded < n_open)  # [B]
     else:  # the entropy bound decides how many; BoE picks only where it admits a single token
-        budget = torch.maximum(budget, bounded)  # [B]
+        budget = torch.maximum(budget, bounded.to(budget.dtype))  # [B]
         picks = pick_counts(budget) * ((bounded <= 1) | (cfg.adaptive_pick == "always"))  # [B]
         # BoE picks the free token: the bound reveals its other budget - picks positions (the lowest in
         # entropy) anyway, so they are no candidates; a pick among them would leave the free token to the bound.
@@ -688,8 +701,8 @@ def describe(x):
     return f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}"
 
 
-def is_int_tensor(x, dim):
-    return isinstance(x, torch.Tensor) and x.dim() == dim and not x.dtype.is_floating_point and x.dtype != torch.bool
+def is_int_tensor(x, dim):  # int64 or int32: what torch indexes with (uint8 would be a mask, int8 wraps)
+    return isinstance(x, torch.Tensor) and x.dim() == dim and x.dtype in (torch.int64, torch.int32)
 
 
 def check_generate_args(model, prompts, steps, order, cfg):
@@ -740,6 +753,13 @@ def check_sampler_config(cfg):
               for name in ("temperature", "gamma", "lam", "h_max", "backward_cost"))):
         if not ok:  # NaN fails every comparison, so it lands here too
             raise ValueError(f"{name} must be {rule}; got {getattr(cfg, name)!r}")
+    if 0 < cfg.temperature < torch.finfo(torch.float32).tiny:  # float32 would round it to 0 and divide by it
+        raise ValueError(f"temperature must be 0 (the argmax) or at least {torch.finfo(torch.float32).tiny:.3g}, "
+                         f"float32's smallest normal number; got {cfg.temperature!r}")
+    if cfg.linearize == "surrogate" and cfg.candidates == 0:
+        raise ValueError("at the surrogate the probes are the masked positions that are not candidates; with "
+                         "candidates=0 (every masked position) there are none and BoE never runs: set candidates "
+                         ">= 1 (the paper: 8)")
     if cfg.rho < 1 and cfg.linearize != "surrogate":
         raise ValueError(f"rho < 1 caps the surrogate's probes; at the state every masked position is a "
                          f"probe (linearize='surrogate' to use it); got rho={cfg.rho}")
@@ -747,7 +767,7 @@ def check_sampler_config(cfg):
 
 def check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, revealable):
     if not is_int_tensor(tokens, 2):
-        raise TypeError(f"tokens must be an integer tensor [B, L]; got {describe(tokens)}")
+        raise TypeError(f"tokens must be an int64 or int32 tensor [B, L]; got {describe(tokens)}")
     if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2 or not embedding.dtype.is_floating_point:
         raise TypeError("embedding must be the model's input embedding table, a float tensor [V, D]")
     if embedding.device != tokens.device:
@@ -766,8 +786,8 @@ def check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, re
     if (masked & (tokens != mask_id)).any():
         raise ValueError(f"masked marks positions whose token is not mask_id {mask_id}")
     if not is_int_tensor(budget, 1) or budget.shape != tokens.shape[:1] or budget.device != tokens.device:
-        raise TypeError(f"budget must be an integer tensor [B] = [{tokens.shape[0]}] on the device of tokens; "
-                        f"got {describe(budget)}")
+        raise TypeError(f"budget must be an int64 or int32 tensor [B] = [{tokens.shape[0]}] on the device of "
+                        f"tokens; got {describe(budget)}")
     if budget.numel() and budget.min() < 0:
         raise ValueError("budget must be >= 0")
     if isinstance(progress, bool) or not isinstance(progress, numbers.Real) or not 0 < progress <= 1:

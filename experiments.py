@@ -749,7 +749,6 @@ def ablation_rows(cfg):
         ("boe (r=4)", "boe", replace(cfg, candidates=4)),
         ("boe (exact backward)", "boe", replace(cfg, sparse_backward=False)),
         ("boe (paper)", "boe", boe.PAPER_BOE),
-        ("boe (paper, all candidates)", "boe", replace(boe.PAPER_BOE, candidates=0)),
         ("boe (paper, dense backward)", "boe", replace(boe.PAPER_BOE, sparse_backward=False)),
     ] + [(f"boe (paper, rho=1/{n})", "boe", replace(boe.PAPER_BOE, rho=1 / n)) for n in (8, 4, 2)]
 
@@ -887,6 +886,24 @@ def weight_noise(instances, scales=(1e-6, 1e-5, 1e-4)):
             print(f"  {order + ' ' + setting:<24}" + "".join(f"{cell:>22}" for cell in cells))
 
 
+def precision(instances):
+    """The built-in task's seed-0 model run in float32, bfloat16 and float16 (weights and activations; BoE
+    takes its softmax, entropies and scores in float32 whatever the model's dtype): the main rules' accuracy
+    and fwd-equiv in each."""
+    prompts, _ = boe.make_instances(instances, seed=1)
+    cap = answer_length(prompts, tasks.MARKS)
+    rules = [(order, steps, f"{steps} steps") for order in ("confidence", "boe") for steps in tasks.MARKS.steps[:-1]]
+    rules += [(order, cap, f"gamma {boe.SamplerConfig.entropy_bound:g}") for order in ("entropy-bound", "boe-adaptive")]
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    print(f"The built-in task's seed-0 model in each dtype, {instances} evaluation instances (seed 1): "
+          f"accuracy / fwd-equiv\n{'rule':<26}" + "".join(f"{str(dtype)[6:]:>18}" for dtype in dtypes))
+    models = [suite_model(tasks.MARKS, 0).to(dtype) for dtype in dtypes]
+    for order, steps, setting in rules:
+        rows = [evaluate(model, prompts, order, setting, order, steps, boe.SamplerConfig()) for model in models]
+        print(f"{order + ' ' + setting:<26}" + "".join(f"{row['accuracy']:>11.3f} / {row['fwd_equiv']:<4.2f}"
+                                                       for row in rows))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -906,7 +923,8 @@ def main():
             ("ablations", INSTANCES, "BoE with one of its choices changed at a time"),
             ("noise", INSTANCES, "how many decodings tiny changes to the weights change"),
             ("time-backward", 512, "the measured cost of BoE's backward, in forwards"),
-            ("loss", 2000, "each model's training loss, and the built-in task's floor")):
+            ("loss", 2000, "each model's training loss, and the built-in task's floor"),
+            ("precision", 500, "the built-in task's model in float32, bfloat16 and float16")):
         commands.add_parser(name, help=what).add_argument("--instances", type=int, default=default,
                                                           help=f"how many instances (default {default})")
     show_args = commands.add_parser("show", help="one decoding by every rule")
@@ -947,7 +965,7 @@ def main():
         show(args.task, args.instance, args.steps)
     else:
         dict(tune=tune, picks=picks, fidelity=fidelity, ablations=ablations, noise=weight_noise, loss=model_loss,
-             **{"time-backward": time_backward})[args.command](args.instances)
+             precision=precision, **{"time-backward": time_backward})[args.command](args.instances)
 
 
 if __name__ == "__main__":

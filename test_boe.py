@@ -490,15 +490,18 @@ def boe_step_args(**bad):
 
 
 @pytest.mark.parametrize("bad, error, match", [
-    (dict(tokens=torch.zeros(2, 18)), TypeError, "tokens must be an integer tensor"),
+    (dict(tokens=torch.zeros(2, 18)), TypeError, "tokens must be an int64 or int32 tensor"),
+    (dict(tokens=torch.zeros(2, 18, dtype=torch.int16)), TypeError, "tokens must be an int64 or int32 tensor"),
+    (dict(tokens=torch.zeros(2, 18, dtype=torch.uint8)), TypeError, "tokens must be an int64 or int32 tensor"),
     (dict(tokens=torch.full((2, 18), 99)), ValueError, "token ids must lie in"),
     (dict(masked=torch.zeros(2, 18, dtype=torch.long)), TypeError, "masked must be a bool tensor"),
     (dict(masked=torch.zeros(2, 17, dtype=torch.bool)), TypeError, "masked must be a bool tensor"),
     (dict(masked=torch.ones(2, 18, dtype=torch.bool)), ValueError, "masked marks positions whose token"),
     (dict(revealable=torch.ones(2, 18)), TypeError, "revealable must be a bool tensor"),
-    (dict(budget=2), TypeError, "budget must be an integer tensor"),
-    (dict(budget=torch.tensor([2.0, 2.0])), TypeError, "budget must be an integer tensor"),
-    (dict(budget=torch.tensor([2])), TypeError, "budget must be an integer tensor"),
+    (dict(budget=2), TypeError, "budget must be an int64 or int32 tensor"),
+    (dict(budget=torch.tensor([2.0, 2.0])), TypeError, "budget must be an int64 or int32 tensor"),
+    (dict(budget=torch.tensor([2])), TypeError, "budget must be an int64 or int32 tensor"),
+    (dict(budget=torch.tensor([0, 2], dtype=torch.uint8)), TypeError, "budget must be an int64 or int32 tensor"),
     (dict(budget=torch.tensor([-1, 2])), ValueError, "budget must be >= 0"),
     (dict(embedding=torch.zeros(14)), TypeError, "embedding must be"),
     (dict(embedding=torch.zeros(14, 32, device="meta")), ValueError, "put them on the model's device"),
@@ -506,6 +509,9 @@ def boe_step_args(**bad):
     (dict(progress=0.0), ValueError, "progress"),
     (dict(cfg=None), TypeError, "cfg must be a SamplerConfig"),
     (dict(cfg=boe.SamplerConfig(estimator="nrom")), ValueError, "estimator must be one of"),
+    (dict(cfg=dataclasses.replace(boe.PAPER_BOE, candidates=0)), ValueError, "with candidates=0 .* there are none"),
+    (dict(logits_fn=lambda embeds, active=None: random_model().forward_embeds(embeds, active) * math.nan), ValueError,
+     "logits_fn returned NaN logits"),
     (dict(logits_fn=lambda embeds: embeds), TypeError, "logits_fn must take an `active` keyword"),
     (dict(logits_fn=lambda embeds, active=None: embeds), TypeError,
      r"one logit per row of the embedding table \(V = 14\)"),
@@ -761,6 +767,7 @@ def test_fixed_boe_equals_a_reference_that_always_runs_the_backward():
     (dict(cfg=boe.SamplerConfig(lam=-1.0)), ValueError, "lam must be >= 0"),
     (dict(cfg=boe.SamplerConfig(h_max=math.inf)), ValueError, "h_max must be >= 0 and finite"),
     (dict(cfg=boe.SamplerConfig(backward_cost=-1.0)), ValueError, "backward_cost must be >= 0"),
+    (dict(cfg=boe.SamplerConfig(temperature=1e-40)), ValueError, "temperature must be 0 .* or at least 1.18e-38"),
 ])
 def test_bad_generate_input_gets_a_clear_error(bad, error, match):
     args = dict(model=random_model(), prompts=boe.make_instances(2, 0)[0], steps=3, order="boe",
@@ -768,6 +775,71 @@ def test_bad_generate_input_gets_a_clear_error(bad, error, match):
     args.update(bad)
     with pytest.raises(error, match=match):
         boe.generate(args["model"], args["prompts"], args["steps"], args["order"], args["cfg"])
+
+
+@pytest.mark.parametrize("order", ["confidence", "entropy-bound", "boe", "boe-adaptive"])
+def test_a_model_that_returns_nan_gets_a_clear_error(order):
+    # Left alone, NaN logits would be committed as token 0 at the argmax, or crash inside torch.multinomial.
+    model = random_model()
+    with torch.no_grad():
+        model.head.bias[3] = math.nan
+    with pytest.raises(ValueError, match="NaN logits"):
+        boe.generate(model, partly_masked_prompts(2), 3, order)
+
+
+@pytest.mark.parametrize("order", ["confidence", "boe", "boe-adaptive"])
+def test_the_smallest_temperatures_commit_the_argmax(order):
+    # Sampling from p ** (1 / T) tends to the argmax as T -> 0; dividing by T must not overflow on the way
+    # (commit and the norm-surprisal weight both subtract the row's maximum first), also with logits far from 0.
+    model = random_model()
+    with torch.no_grad():
+        model.head.bias += 100.0  # softmax ignores the shift; dividing by the tiniest T overflows float32
+    prompts = partly_masked_prompts()
+    argmax, _ = boe.generate(model, prompts, 3, order)
+    for temperature in (torch.finfo(torch.float32).tiny, 1e-30, 1e-8):
+        sampled, _ = boe.generate(model, prompts, 3, order, boe.SamplerConfig(temperature=temperature))
+        assert torch.equal(sampled, argmax), temperature
+
+
+def test_logits_at_minus_infinity_add_nothing_to_the_entropy_gradient():
+    # A token a model never predicts (a padded vocabulary, log-probabilities of 0) has a logit of -inf; its
+    # p log p is 0. The oracle: the same logits with that column at -1e4, whose probability underflows to 0.
+    model = random_model(torch.float64)
+    tokens = partly_masked_prompts()
+    masked = tokens == boe.MASK  # [B, L]
+    never = torch.arange(len(boe.TOKEN_CHARS)) == boe.SEP  # [V] a token no answer position holds
+
+    def with_column_at(value):
+        return lambda embeds, active=None: model.forward_embeds(embeds, active).masked_fill(never, value)
+
+    embeds = model.embed(tokens).detach()  # [B, L, D]
+    _, exact = boe.entropy_gradient(with_column_at(-1e4), embeds, masked, boe.MASK)
+    _, got = boe.entropy_gradient(with_column_at(-math.inf), embeds, masked, boe.MASK)
+    assert got.isfinite().all() and torch.allclose(got, exact, rtol=1e-12, atol=1e-15)
+    args = (tokens, masked, torch.full((len(tokens),), 3), model.token_embedding.weight)
+    finite = boe.boe_step(*args, with_column_at(-1e4), boe.MASK, boe.SamplerConfig())
+    infinite = boe.boe_step(*args, with_column_at(-math.inf), boe.MASK, boe.SamplerConfig())
+    assert infinite[3].any(), "a backward ran"
+    assert torch.equal(finite[1] == math.inf, infinite[1] == math.inf), "the same picks"
+    assert all(torch.equal(a, b) for a, b in zip(finite[2:], infinite[2:]))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_top_masked_ranks_every_masked_position_above_the_rest(seed):
+    # Whatever the values (-inf and NaN included, as a pasted caller may pass), the valid entries are the
+    # `count` best masked positions, ranked by value with NaN and -inf lowest and ties to the left.
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randint(-2, 3, (4, 7), generator=gen).double()  # [B, L] small integers: many ties
+    special = torch.rand(values.shape, generator=gen)  # [B, L]
+    values[special < 0.15] = -math.inf
+    values[(special >= 0.15) & (special < 0.3)] = math.nan
+    masked = torch.rand(values.shape, generator=gen) < 0.6  # [B, L]
+    count = torch.randint(0, 8, (4,), generator=gen)  # [B]
+    positions, valid = boe.top_masked(values, masked, count)
+    for row in range(4):
+        key = [(-(v if v == v and v > -math.inf else -1e300), i) for i, v in enumerate(values[row].tolist())]
+        want = [i for _, i in sorted(k for k in key if masked[row, k[1]])][:int(count[row])]
+        assert positions[row][valid[row]].tolist() == want
 
 
 # -----------------------------------------------------------------------------

@@ -268,6 +268,7 @@ def test_measurement_commands_run_on_the_shipped_models():
     assert "boe-adaptive:" in shown and "step 1:" in shown
     assert "active rows" in run("time-backward", "--instances", "16")
     assert "floor:" in run("loss", "--instances", "100")
+    assert "bfloat16" in run("precision", "--instances", "10").splitlines()[1]
     noise = run("noise", "--instances", "10")
     assert "s = 1e-06" in noise and "boe-adaptive gamma 0.1" in noise and "latin" in noise
 

@@ -28,12 +28,16 @@ in a CUDA graph. `reference_attention` is the dense oracle.
 
 Triton is optional: where it is not installed (there are no triton wheels for macOS or Windows) the module
 still imports, backend="auto" takes the PyTorch path and backend="triton" raises an ImportError that says
-how to get it. Likewise where Triton's interpreter is on and cannot run (Triton 3.6 with NumPy 2.4).
+how to get it. Likewise where Triton's interpreter is on and cannot run (Triton 3.6 with NumPy 2.4), with a
+RuntimeError that names both versions. Both backends give first derivatives only.
 """
 import contextlib
+import contextvars
 import math
+import numbers
 import os
 import re
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -432,29 +436,38 @@ def active_query_attention(q, k, v, active, scale=None, backend="auto", block_m=
     TRITON_INTERPRET=1 set before import), "torch", or "auto" (Triton for CUDA tensors, or CPU tensors when
     interpreted, if triton is installed and supports the shape and dtype; PyTorch otherwise). block_m /
     block_n override the Triton tile sizes (query rows, keys; 16, 32, 64 or 128) of the forward and backward
-    launches; the torch backend ignores them. The defaults are tuned per kernel; on a GPU, large explicit
+    launches; they are checked whatever the backend, and the torch backend does not use them. The defaults are tuned per kernel; on a GPU, large explicit
     tiles with fp32 or D = 128 can exceed shared memory, which Triton reports as an out-of-resources error.
     """
     _check_inputs(q, k, v, active)
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown backend {backend!r}; use 'auto', 'triton' or 'torch'")
     for name, block in (("block_m", block_m), ("block_n", block_n)):
-        if block is not None and (not isinstance(block, int) or block not in (16, 32, 64, 128)):
+        if block is not None and (isinstance(block, bool) or not isinstance(block, numbers.Integral)
+                                  or block not in (16, 32, 64, 128)):
             raise ValueError(f"{name} must be a power of two from 16 to 128, got {block!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be None (1 / sqrt(D)) or a finite number, got {scale!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    block_m, block_n = (None if block is None else int(block) for block in (block_m, block_n))
 
+    # CUDA tensors, and CPU tensors in Triton's interpreter (which runs CUDA tensors' kernels too)
+    triton_device = q.is_cuda or (INTERPRETED and q.device.type == "cpu")
     if backend == "auto":
-        usable = HAS_TRITON and (q.is_cuda or INTERPRETED) and not INTERPRETER_CONFLICT \
-            and _triton_unsupported_reason(q) is None
+        usable = HAS_TRITON and triton_device and not INTERPRETER_CONFLICT and _triton_unsupported_reason(q) is None
         backend = "triton" if usable else "torch"
     if backend == "torch":
         return _torch_attention(q, k, v, active, scale)
 
     if not HAS_TRITON:
         raise ImportError(TRITON_MISSING)
-    if not (q.is_cuda or INTERPRETED):
+    if q.device.type == "cpu" and not INTERPRETED:
         raise ValueError("backend='triton' on CPU tensors needs Triton's interpreter: set the environment "
                          "variable TRITON_INTERPRET=1 before importing attn_kernel, or use backend='torch'")
+    if not triton_device:
+        raise ValueError(f"backend='triton' runs on CUDA tensors (and CPU tensors in Triton's interpreter), got "
+                         f"tensors on {q.device}: use backend='torch'")
     if INTERPRETER_CONFLICT:  # with TRITON_INTERPRET=1 CUDA tensors are interpreted too
         raise RuntimeError(INTERPRETER_CONFLICT)
     reason = _triton_unsupported_reason(q)
@@ -547,8 +560,9 @@ def _torch_attention(q, k, v, active, scale):
     q_active = F.pad(q, (0, 0, 0, 1)).gather(2, index)  # [B, H, width, D]
     out_active = _SDPA(q_active, k, v, scale=scale)  # [B, H, width, D]
     # Zero-valued but carrying the gradient of the active rows: adding it keeps the returned values
-    # bit-identical to the full SDPA call above while dOut flows back only through the active rows.
-    carrier = out_active - out_active.detach()  # [B, H, width, D]
+    # bit-identical to the full SDPA call above while dOut flows back only through the active rows. An
+    # infinite output (from an infinite value in v) gets no carrier, since inf - inf would turn it into NaN.
+    carrier = (out_active - out_active.detach()).where(out_active.isfinite(), 0.0)  # [B, H, width, D]
     scattered = out.new_zeros(batch, heads, seq_len + 1, head_dim).scatter(2, index, carrier)  # [B, H, L+1, D]
     return out + scattered[:, :, :seq_len]
 
@@ -571,6 +585,15 @@ def reference_attention(q, k, v, active, scale=None):
 # --------------------------------------------------------------------------------------------------
 
 
+# The innermost open sdpa_active_rows block of this thread (or asyncio task): (active, backend, counts), or
+# None. While any block is open in any thread, F.scaled_dot_product_attention is _dispatch, which serves each
+# call from its own thread's block, so blocks in several threads neither see each other's active sets nor,
+# exiting in any order, leave SDPA patched.
+_ROUTE = contextvars.ContextVar("sdpa_active_rows", default=None)
+_PATCH_LOCK = threading.Lock()
+_PATCH = {"blocks": 0, "previous": None}  # open blocks that route, and the SDPA in place before the first
+
+
 @contextlib.contextmanager
 def sdpa_active_rows(active, backend="auto"):
     """Inside the block, torch.nn.functional.scaled_dot_product_attention runs the calls it can serve
@@ -581,37 +604,63 @@ def sdpa_active_rows(active, backend="auto"):
     yields : a dict counting the calls, {"routed": n, "passed": m}; a model that calls SDPA once per
              layer routes one call per layer and forward, which shows the sparse path really ran
 
-    Served: attention with q, k, v of shape [B, H, L, D] for this B and L (keys and values may
-    have fewer heads with enable_gqa=True; they are repeated to the query heads as SDPA does), no
-    attn_mask or an all-true boolean one, dropout_p = 0, is_causal = False. Every other call goes to
-    the SDPA that was in place before, unchanged. Not reached: a reference to SDPA taken before the
-    block (`from torch.nn.functional import scaled_dot_product_attention` at a module's import), and
-    attention that does not call SDPA (flash_attn, xformers, an explicit softmax). The original
-    function is restored on exit, also on an exception."""
-    counts = {"routed": 0, "passed": 0}
-    if active is None:
-        yield counts
-        return
-    if not isinstance(active, torch.Tensor) or active.dtype != torch.bool or active.dim() != 2:
+    Served: attention with q, k, v of shape [B, H, L, D] for this B and L on the device of `active` (keys
+    and values may have fewer heads with enable_gqa=True; they are repeated to the query heads as SDPA
+    does), no attn_mask or an all-true boolean one that broadcasts to [B, H, L, L] (checking it syncs with
+    the host), dropout_p = 0, is_causal = False. Under torch.autocast q, k and v are cast to the autocast
+    dtype first, as SDPA does. Every other call goes to the SDPA that was in place before, unchanged. The
+    block routes the calls of its own thread only (an inner block, None included, takes over from an outer
+    one until it exits). Not reached: a reference to SDPA taken before the block (`from
+    torch.nn.functional import scaled_dot_product_attention` at a module's import), and attention that does
+    not call SDPA (flash_attn, xformers, an explicit softmax). The original function is restored when the
+    last block exits, also on an exception."""
+    if active is not None and (not isinstance(active, torch.Tensor) or active.dtype != torch.bool
+                               or active.dim() != 2):
         raise TypeError(f"active must be None or a bool tensor [B, L]; got {getattr(active, 'dtype', type(active))} "
                         f"of shape {tuple(getattr(active, 'shape', ()))}")
-    previous = F.scaled_dot_product_attention
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"unknown backend {backend!r}; use 'auto', 'triton' or 'torch'")
+    counts = {"routed": 0, "passed": 0}
+    token = _ROUTE.set(None if active is None else (active, backend, counts))
+    try:
+        if active is None:  # nothing to route: SDPA is left as it is (an outer block's dispatch passes through)
+            yield counts
+            return
+        with _PATCH_LOCK:
+            if _PATCH["blocks"] == 0:
+                _PATCH["previous"] = F.scaled_dot_product_attention
+                F.scaled_dot_product_attention = _dispatch
+            _PATCH["blocks"] += 1
+        try:
+            yield counts
+        finally:
+            with _PATCH_LOCK:
+                _PATCH["blocks"] -= 1
+                if _PATCH["blocks"] == 0:
+                    F.scaled_dot_product_attention = _PATCH["previous"]
+    finally:
+        _ROUTE.reset(token)
 
-    def route(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+
+def _dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """F.scaled_dot_product_attention while a block is open: this thread's block serves what it can."""
+    route = _ROUTE.get()
+    if route is not None:
+        active, backend, counts = route
         if _servable(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, active):
             counts["routed"] += 1
+            device_type = query.device.type
+            autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+            if autocast:  # SDPA computes in the autocast dtype (float64 is left alone): so does the route
+                dtype = torch.get_autocast_dtype(device_type)
+                query, key, value = (x if x.dtype == torch.float64 else x.to(dtype) for x in (query, key, value))
             groups = query.shape[1] // key.shape[1]  # 1 without grouped key/value heads
             key, value = (x.repeat_interleave(groups, dim=1) if groups > 1 else x for x in (key, value))
-            return active_query_attention(query, key, value, active, scale=scale, backend=backend)
+            with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+                return active_query_attention(query, key, value, active, scale=scale, backend=backend)
         counts["passed"] += 1
-        return previous(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa)
-
-    F.scaled_dot_product_attention = route
-    try:
-        yield counts
-    finally:
-        F.scaled_dot_product_attention = previous
+    return _PATCH["previous"](query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                              scale=scale, enable_gqa=enable_gqa)
 
 
 def _servable(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, active):
@@ -620,7 +669,17 @@ def _servable(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, ac
         return False
     (batch, heads, seq_len, head_dim), kv_heads = query.shape, key.shape[1]
     grouped = heads > 0 and (kv_heads == heads or (enable_gqa and kv_heads > 0 and heads % kv_heads == 0))
-    return (grouped and key.shape == value.shape == (batch, kv_heads, seq_len, head_dim)
+    if not (grouped and key.shape == value.shape == (batch, kv_heads, seq_len, head_dim)
             and active.shape == (batch, seq_len) and active.device == query.device
-            and dropout_p == 0 and not is_causal
-            and (attn_mask is None or (attn_mask.dtype == torch.bool and bool(attn_mask.all()))))
+            and dropout_p == 0 and not is_causal):
+        return False
+    if attn_mask is None:
+        return True
+    if not isinstance(attn_mask, torch.Tensor):
+        return False
+    full = (batch, heads, seq_len, seq_len)
+    try:
+        broadcasts = torch.broadcast_shapes(attn_mask.shape, full) == full
+    except RuntimeError:
+        broadcasts = False
+    return attn_mask.dtype == torch.bool and broadcasts and bool(attn_mask.all())

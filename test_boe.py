@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import types
 
 import pytest
@@ -1043,7 +1044,8 @@ def test_entropy_gradient_through_routed_sdpa_equals_dense_autograd_with_inactiv
     dict(key_len=5),  # cross-attention
     dict(batch=3),  # another batch than `active` describes
     dict(kv_heads=2),  # fewer key/value heads without enable_gqa: SDPA's own error
-], ids=["causal", "bool-mask", "float-mask", "dropout", "cross", "other-batch", "heads-no-gqa"])
+    dict(attn_mask=torch.ones(3, 1, 8, 8, dtype=torch.bool)),  # all true, but not of this batch: SDPA's own error
+], ids=["causal", "bool-mask", "float-mask", "dropout", "cross", "other-batch", "heads-no-gqa", "mask-other-batch"])
 def test_router_passes_calls_it_cannot_serve_through_unchanged(call):
     call = dict(call)
     batch, key_len, kv_heads = call.pop("batch", 2), call.pop("key_len", 8), call.pop("kv_heads", 4)
@@ -1104,6 +1106,85 @@ def test_router_restores_sdpa_on_exit_and_on_an_exception():
     with attn_kernel.sdpa_active_rows(None) as counts:  # nothing to route: SDPA untouched
         assert F.scaled_dot_product_attention is original
     assert counts == {"routed": 0, "passed": 0}
+
+
+def test_router_routes_only_its_own_threads_calls_and_restores_sdpa_whatever_the_exit_order():
+    # Two threads' blocks open and close in the order a, b, a-exits, b-exits; while they are open a third
+    # thread calls SDPA with no block of its own. Each routed call follows its own thread's active set, the
+    # third thread gets plain SDPA, and SDPA is torch's own again once the last block exits.
+    original = F.scaled_dot_product_attention
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 8, 16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    actives = {"a": torch.rand(2, 8, generator=gen) < 0.5, "b": torch.rand(2, 8, generator=gen) < 0.5}
+    events = {name: threading.Event() for name in ("a_in", "b_in", "a_out", "plain_done")}
+    grads, counts = {}, {}
+
+    def q_grad(out):
+        return torch.autograd.grad(out.pow(2).sum(), q)[0]
+
+    def block(name, wait_for, then_set, exit_after):
+        events[wait_for].wait(10) if wait_for else None
+        with attn_kernel.sdpa_active_rows(actives[name]) as counts[name]:
+            events[then_set].set()
+            events[exit_after].wait(10)
+            grads[name] = q_grad(F.scaled_dot_product_attention(q, k, v))
+        events[name + "_out"].set() if name == "a" else None
+
+    def plain():
+        events["b_in"].wait(10)
+        grads["plain"] = q_grad(F.scaled_dot_product_attention(q, k, v))
+        events["plain_done"].set()
+
+    threads = [threading.Thread(target=block, args=("a", None, "a_in", "plain_done")),
+               threading.Thread(target=block, args=("b", "a_in", "b_in", "a_out")),
+               threading.Thread(target=plain)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert F.scaled_dot_product_attention is original
+    assert counts == {"a": {"routed": 1, "passed": 0}, "b": {"routed": 1, "passed": 0}}
+    for name in ("a", "b"):
+        assert torch.allclose(grads[name], q_grad(reference_sdpa(actives[name])(q, k, v)), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(grads["plain"], q_grad(original(q, k, v)), rtol=1e-10, atol=1e-12)
+
+
+def test_an_inner_block_takes_over_from_an_outer_one_until_it_exits():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 6, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    outer_active, inner_active = torch.rand(1, 6, generator=gen) < 0.5, torch.ones(1, 6, dtype=torch.bool)
+    with attn_kernel.sdpa_active_rows(outer_active) as outer:
+        with attn_kernel.sdpa_active_rows(None) as silent:
+            F.scaled_dot_product_attention(q, k, v)
+        with attn_kernel.sdpa_active_rows(inner_active) as inner:
+            F.scaled_dot_product_attention(q, k, v)
+        F.scaled_dot_product_attention(q, k, v)
+    assert silent == {"routed": 0, "passed": 0} and inner == {"routed": 1, "passed": 0}
+    assert outer == {"routed": 1, "passed": 0}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_router_under_autocast_computes_in_the_autocast_dtype_as_sdpa_does(dtype):
+    # Under torch.autocast SDPA casts q, k, v to the autocast dtype, also when they differ: so does the router.
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 2, 8, 16, generator=gen, requires_grad=True)  # [B, H, L, D] float32
+    k, v = (torch.randn(2, 2, 8, 16, generator=gen).to(dtype) for _ in range(2))  # already in the autocast dtype
+    active = torch.rand(2, 8, generator=gen) < 0.5  # [B, L]
+    with torch.autocast("cpu", dtype=dtype):
+        plain = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, D]
+        with attn_kernel.sdpa_active_rows(active) as counts:
+            routed = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, D]
+    assert counts == {"routed": 1, "passed": 0} and routed.dtype == plain.dtype == dtype
+    assert torch.allclose(routed.float(), plain.float(), atol=2e-2)
+    (grad,) = torch.autograd.grad(routed.float().sum(), q)
+    assert torch.equal(grad.abs().sum((1, 3)) > 0, active), "gradient through the active rows only"
+
+
+def test_router_refuses_an_unknown_backend_on_entry():
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        with attn_kernel.sdpa_active_rows(torch.ones(1, 4, dtype=torch.bool), backend="cuda"):
+            pass
+    assert F.scaled_dot_product_attention is attn_kernel._SDPA
 
 
 def readme_example(index=0):

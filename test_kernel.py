@@ -15,6 +15,7 @@ import textwrap
 from typing import Optional
 from unittest import mock
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -425,11 +426,45 @@ def _bad_call(**overrides):
     (_bad_call(block_m=24), ValueError, "block_m must be a power of two"),
     (_bad_call(block_n=256), ValueError, "block_n must be a power of two from 16 to 128"),
     (_bad_call(block_m=32.0), ValueError, "block_m must be a power of two"),
+    (_bad_call(scale=math.nan, backend="torch"), ValueError, "scale must be None"),
+    (_bad_call(scale=torch.tensor([1.0, 2.0])), ValueError, "scale must be None"),
+    (_bad_call(scale="0.5", backend="torch"), ValueError, "scale must be None"),
+    pytest.param(_bad_call(**{x: torch.randn(2, 2, 8, 16, device="meta") for x in "qkv"},
+                           active=torch.ones(2, 8, dtype=torch.bool, device="meta")),
+                 ValueError, "runs on CUDA tensors .* got tensors on meta", marks=needs_triton),
 ])
 def test_bad_inputs_raise_clear_errors(call, error, match, monkeypatch):
     monkeypatch.setattr(attn_kernel, "INTERPRETED", True)  # reach the checks behind the interpreter check
     with pytest.raises(error, match=match):
         active_query_attention(**call)
+
+
+def test_auto_takes_the_torch_path_on_devices_triton_does_not_run_on(monkeypatch):
+    monkeypatch.setattr(attn_kernel, "INTERPRETED", True)  # the interpreter runs CPU tensors, not others
+    q, k, v = (torch.randn(2, 2, 8, 16, device="meta") for _ in range(3))  # meta stands in for mps or xpu
+    out = active_query_attention(q, k, v, torch.ones(2, 8, dtype=torch.bool, device="meta"))
+    assert out.device.type == "meta" and out.shape == q.shape
+
+
+def test_tile_sizes_may_be_any_integer_type():
+    q, k, v = (torch.randn(1, 1, 8, 16) for _ in range(3))
+    active = torch.ones(1, 8, dtype=torch.bool)
+    for block in (numpy.int64(32), torch.tensor(32).item()):
+        assert torch.equal(active_query_attention(q, k, v, active, backend="torch", block_m=block, block_n=block),
+                           active_query_attention(q, k, v, active, backend="torch"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_infinite_output_stays_infinite_when_inputs_require_grad(backend):
+    # An infinite value in v gives infinite outputs; the torch path's zero-valued gradient carrier must not
+    # turn them into inf - inf = NaN.
+    q, k, v = (torch.randn(1, 1, 8, 16, device=DEVICE) for _ in range(3))
+    v[0, 0, 3, 5] = math.inf
+    active = torch.ones(1, 8, dtype=torch.bool, device=DEVICE)
+    want = reference_attention(q, k, v, active)  # [1, 1, 8, 16]
+    got = active_query_attention(q.requires_grad_(), k, v, active, backend=backend)
+    assert want[..., 5].isinf().all() and torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[..., 5], want[..., 5])
 
 
 @needs_triton

@@ -686,8 +686,10 @@ def compile_main(parser, args, gpu):
         parser.error(f"the Triton kernels take head dims {attn_kernel.SUPPORTED_HEAD_DIMS}; got {head_dims}")
     capability = torch.cuda.get_device_capability() if gpu else (9, 0)
     if args.capability:
-        if not re.fullmatch(r"\d+\.\d", args.capability):
-            parser.error(f"--capability must be MAJOR.MINOR, e.g. 8.6; got {args.capability!r}")
+        known = ", ".join(f"{major}.{minor}" for major, minor in SMEM_LIMIT)
+        if not re.fullmatch(r"\d+\.\d", args.capability) or \
+                tuple(int(part) for part in args.capability.split(".")) not in SMEM_LIMIT:
+            parser.error(f"--capability must be one of {known} (MAJOR.MINOR); got {args.capability!r}")
         capability = tuple(int(part) for part in args.capability.split("."))
     rows = compile_report(head_dims, capability)
     print(f"\n{len(ERRORS)} errors")
@@ -695,13 +697,23 @@ def compile_main(parser, args, gpu):
         with open(args.json, "w") as f:
             json.dump(dict(triton=attn_kernel.triton.__version__, capability=list(capability), compiled=rows,
                            errors=ERRORS), f, indent=1)
+    if ERRORS:
+        raise SystemExit(1)
+
+
+def fraction(text):
+    """An active fraction from the command line, e.g. 1/16 or 0.25."""
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError) as err:
+        raise argparse.ArgumentTypeError(f"not a fraction: {text!r}") from err
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths L")
     parser.add_argument("--head-dims", type=int, nargs="+", help="head dims D")
-    parser.add_argument("--fractions", type=Fraction, nargs="+", help="active fractions rho, e.g. 1/16 0.25 1")
+    parser.add_argument("--fractions", type=fraction, nargs="+", help="active fractions rho, e.g. 1/16 0.25 1")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="GPU dtype (CPU uses fp32)")
     parser.add_argument("--quick", action="store_true", help="a few sizes only")
     parser.add_argument("--json", metavar="PATH", help="write every number here")
@@ -711,9 +723,14 @@ def main():
     parser.add_argument("--capability", metavar="MAJOR.MINOR", help="with --compile: compile for GPUs of this "
                         "compute capability instead, e.g. 8.6 (RTX 30 series)")
     args = parser.parse_args()
+    if min(args.seq_lens or [1]) < 1 or min(args.head_dims or [1]) < 1:
+        parser.error("--seq-lens and --head-dims must be >= 1")
     if args.json:  # written at the end, even of a broken run: a place that cannot be written fails now
         try:
+            existed = os.path.lexists(args.json)
             open(args.json, "a").close()
+            if not existed:  # leave nothing behind where the run is refused below
+                os.remove(args.json)
         except OSError as err:
             parser.error(f"cannot write {args.json}: {err.strerror or err}")
     gpu = torch.cuda.is_available()
@@ -770,6 +787,8 @@ def main():
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(results, errors=ERRORS, seconds=time.time() - start), f, indent=1)
+    if ERRORS or failed:  # a measurement that broke or a result that is wrong fails the run (goals do not)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

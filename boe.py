@@ -18,6 +18,7 @@ import argparse
 import math
 import numbers
 import operator
+import os
 import time
 from dataclasses import dataclass, fields
 
@@ -160,7 +161,8 @@ class TrainConfig:
     batch_size: int = 128     # sequences per step
     lr: float = 3e-3          # peak AdamW learning rate (cosine decay to 10 %)
     seed: int = 0             # seeds the weights and the training data
-    cache: str = "weights/marks-seed0.pt"  # where the trained weights are kept (shipped in the repository)
+    cache: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "marks-seed0.pt")  # the
+                              # shipped weights, next to this file, from whatever folder it runs
 
 
 def masked_diffusion_loss(model, prompts, answers, gen):
@@ -819,8 +821,9 @@ def main():
     args = parser.parse_args()
     if args.instances < 1 or min(args.steps) < 1 or args.train_steps < 1:
         parser.error("--instances, --steps and --train-steps must be >= 1")
-    if not 0 <= args.temperature < math.inf:
-        parser.error(f"--temperature must be >= 0 and finite; got {args.temperature}")
+    if not 0 <= args.temperature < math.inf or 0 < args.temperature < torch.finfo(torch.float32).tiny:
+        parser.error(f"--temperature must be 0 or from {torch.finfo(torch.float32).tiny:.3g} on, and finite; "
+                     f"got {args.temperature}")
 
     import experiments  # the weights cache and the table are measurement; experiments imports this file
     try:  # a --json or --cache that cannot be written is an error now, not after the run

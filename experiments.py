@@ -11,6 +11,7 @@ was measured. `python boe.py` prints its table with builtin_table below; each su
     python experiments.py time-backward                  the cost of BoE's backward, timed here, in forwards
     python experiments.py noise                          how many decodings tiny changes to the weights change
     python experiments.py loss                           each model's training loss: where training stopped
+    python experiments.py precision                      the built-in task's model in float32, bfloat16, float16
     python experiments.py train                          train (or load) every model of the suite
 
 The models are the shipped weights in weights/ (TASK-seedS.pt); a missing or stale file is retrained with
@@ -31,6 +32,7 @@ import boe
 import tasks
 
 SEEDS = (0, 1, 2)            # training seeds: every suite number is over these three models of a task
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # the shipped models, wherever run from
 INSTANCES = 1000             # evaluation instances per task (seed 1)
 TUNING = 300                 # tuning instances per task (seed 0)
 
@@ -60,21 +62,23 @@ def load_or_train(model_cfg, train_cfg, make_batch=boe.make_instances, task="mar
 
 
 def check_writable(path):
-    """Make the folder of `path` and check that a file can be written there: an OSError that names the
-    path, before a long run rather than after it."""
+    """Make the folder of `path` and check that `path` itself can be written (through a link, where it is
+    one), leaving an existing file as it is: an OSError that names the path, before a long run rather than
+    after it."""
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if os.path.isdir(path):
             raise IsADirectoryError(21, "it is a folder")
-        probe = f"{path}.{os.getpid()}.tmp"
-        open(probe, "wb").close()
-        os.remove(probe)
+        existed = os.path.lexists(path)
+        open(path, "ab").close()
+        if not existed:
+            os.remove(path)
     except OSError as err:
         raise OSError(f"cannot write {path}: {err.strerror or err}") from err
 
 
 def suite_model(task, seed, retrain=False):
-    cache = os.path.join("weights", f"{task.name}-seed{seed}.pt")
+    cache = os.path.join(WEIGHTS, f"{task.name}-seed{seed}.pt")
     cfg = boe.TrainConfig(steps=task.train_steps, seed=seed, cache=cache)
     return load_or_train(task.model_cfg, cfg, task.training_batch, task=task.name, retrain=retrain)
 
@@ -163,6 +167,8 @@ THRESHOLDS = (0.99, 0.9, 0.7)            # tau: around Fast-dLLM's 0.9
 
 def wilson_interval(successes, n, z=1.96):
     """95 % Wilson score interval for a binomial proportion."""
+    if n < 1:
+        raise ValueError(f"a proportion needs n >= 1 trials; got n = {n}")
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
@@ -948,8 +954,9 @@ def main():
 
     if args.command == "suite":
         seeds, instances, steps = ((0,), 40, (2, 3)) if args.quick else (SEEDS, INSTANCES, None)
-        if not 0 <= args.temperature < math.inf:
-            parser.error(f"--temperature must be >= 0 and finite; got {args.temperature}")
+        if not 0 <= args.temperature < math.inf or 0 < args.temperature < torch.finfo(torch.float32).tiny:
+            parser.error(f"--temperature must be 0 or from {torch.finfo(torch.float32).tiny:.3g} on, and finite; "
+                         f"got {args.temperature}")
         results = run_suite(args.tasks, seeds, instances, steps, args.temperature)
         print_suite(results)
         if args.json:

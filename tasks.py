@@ -17,7 +17,8 @@ Each task gives prompts and one answer per instance, a batch maker for training,
 every valid answer, and `solutions(prompt)`, every valid answer by brute force (for the tests and for
 asking whether a partly decoded row can still be completed). Tuning instances come from seed 0,
 evaluation instances from seed 1; Sudoku and Countdown keep every instance that evaluation can draw out
-of training (held-out grids; held-out prompts).
+of training (held-out grids; held-out prompts), and Countdown's tuning prompts are the other half of its
+held-out prompts (seed 0 draws from that half, every other seed from the evaluation half).
 """
 import functools
 import itertools
@@ -191,9 +192,26 @@ def countdown_held_out(numbers, target):
     return (a * 131 + b * 31 + c * 7 + target * 17) % 5 == 0
 
 
-def countdown_draw(n, seed, held_out):
+# The held-out fifth, split once more: half of its (number multiset, target) pairs, drawn at random with a
+# fixed seed, are for tuning, the other half for evaluation, so that no knob is chosen on an evaluation prompt.
+CD_HELD_OUT_KEYS = sorted({(tuple(sorted(numbers)), value) for numbers in itertools.product(range(CD_NUMBERS), repeat=3)
+                           for _, value in countdown_expressions(numbers)
+                           if 0 <= value < CD_TARGETS and countdown_held_out(numbers, value)})
+CD_TUNING_KEYS = {CD_HELD_OUT_KEYS[i] for i in torch.randperm(len(CD_HELD_OUT_KEYS),
+                                                               generator=torch.Generator().manual_seed(2026))
+                  [: len(CD_HELD_OUT_KEYS) // 2].tolist()}
+
+
+def countdown_pool(numbers, target):
+    """Which prompts a prompt is among: "train" (four fifths), "tune" or "eval" (half the held-out fifth each)."""
+    if not countdown_held_out(numbers, target):
+        return "train"
+    return "tune" if (tuple(sorted(numbers)), target) in CD_TUNING_KEYS else "eval"
+
+
+def countdown_draw(n, seed, pool):
     """n prompts and one answer each: three numbers, then a random expression over them whose value is a
-    target in [0, CD_TARGETS); only prompts whose held-out status is `held_out`."""
+    target in [0, CD_TARGETS); only prompts of `pool` (countdown_pool)."""
     gen = torch.Generator().manual_seed(seed)
     prompts, answers = [], []
     while len(prompts) < n:
@@ -201,7 +219,7 @@ def countdown_draw(n, seed, held_out):
         expression = [numbers[i] for i in torch.randperm(3, generator=gen).tolist()]
         ops = [list(OPERATIONS)[i] for i in torch.randint(len(OPERATIONS), (2,), generator=gen).tolist()]
         value = countdown_value(expression[0], ops[0], expression[1], ops[1], expression[2])
-        if not 0 <= value < CD_TARGETS or countdown_held_out(numbers, value) != held_out:
+        if not 0 <= value < CD_TARGETS or countdown_pool(numbers, value) != pool:
             continue
         prompt = numbers + [CD_EQUALS, CD_TARGET0 + value]
         prompts.append(prompt + [CD_MASK] * 5)
@@ -228,8 +246,8 @@ def countdown_check(prompts, tokens):
 
 COUNTDOWN = Task("countdown", "mixed: several valid answers, and arithmetic to get right",
                  boe.ModelConfig(vocab_size=CD_MASK + 1, mask_id=CD_MASK, seq_len=CD_LEN),
-                 lambda n, seed: countdown_draw(n, seed, held_out=True),
-                 lambda n, seed: countdown_draw(n, seed, held_out=False),
+                 lambda n, seed: countdown_draw(n, seed, "tune" if seed == 0 else "eval"),
+                 lambda n, seed: countdown_draw(n, seed, "train"),
                  countdown_check, countdown_solutions,
                  "123456789+-=" + "".join(chr(ord("A") + i) if i < 26 else chr(ord("a") + i - 26)
                                            for i in range(CD_TARGETS)) + "_",
@@ -243,7 +261,7 @@ TASKS = {task.name: task for task in (MARKS, SUDOKU, COUNTDOWN)}  # every study'
 #
 # A held-out task: it joined the suite after BoE's defaults were chosen, and no tuning run has seen it.
 # Rows and columns hold each symbol once; 12 of the 16 cells are empty, so a puzzle has about 6 valid
-# completions (1 % have one). The model is trained on whole squares, all 576 of them, as the built-in
+# completions (2 % have one). The model is trained on whole squares, all 576 of them, as the built-in
 # task's model sees every prompt: it knows the squares, and what is left is a free choice among the
 # completions, with every cell constraining its row and column. Cells committed together from their
 # marginals can clash.

@@ -886,9 +886,20 @@ def test_main_job_fails_before_training_where_its_outputs_cannot_be_written(tmp_
 
 @pytest.mark.parametrize("bad, message", [(["--temperature", "-1"], "--temperature must be"),
                                           (["--temperature", "inf"], "--temperature must be"),
+                                          (["--temperature", "1e-45"], "--temperature must be"),
                                           (["--steps", "0"], "must be >= 1")])
 def test_main_job_rejects_bad_options_before_training(tmp_path, monkeypatch, capsys, bad, message):
     assert message in refusal(monkeypatch, capsys, "--cache", str(tmp_path / "m.pt"), *bad)
+
+
+def test_main_job_and_experiments_find_the_shipped_weights_from_any_folder(tmp_path):
+    # Run from another folder, both find weights/ next to the code instead of training anew there.
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cmd in (["boe.py", "--instances", "5", "--steps", "2"], ["experiments.py", "show", "0", "--steps", "2"]):
+        result = subprocess.run([sys.executable, os.path.join(here, cmd[0]), *cmd[1:]], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and "train step" not in result.stdout, result.stderr
+    assert not list(tmp_path.iterdir()), "nothing written where it ran"
 
 
 def test_main_job_decodes_without_triton(tmp_path):

@@ -74,10 +74,15 @@ def test_sudoku_puzzles_have_one_solution_on_a_grid_training_never_sees():
         assert (prompts == tasks.SUDOKU_MASK).all() and {tuple(a) for a in answers.tolist()} <= train
 
 
-def test_countdown_evaluation_prompts_never_reach_training():
+def test_countdown_evaluation_prompts_never_reach_training_or_tuning():
     def keys(prompts):
         return {(tuple(sorted(p[:3])), p[4]) for p in prompts.tolist()}
-    held_out = keys(tasks.COUNTDOWN.make_instances(1000, 1)[0]) | keys(tasks.COUNTDOWN.make_instances(1000, 0)[0])
+    # Seed 0 draws from the tuning half of the held-out prompts, every other seed from the evaluation half.
+    tuning = keys(tasks.COUNTDOWN.make_instances(1000, 0)[0])
+    evaluation = keys(tasks.COUNTDOWN.make_instances(1000, 1)[0]) | keys(tasks.COUNTDOWN.make_instances(1000, 2)[0])
+    assert tuning and evaluation and not tuning & evaluation
+    assert {(numbers, target - tasks.CD_TARGET0) for numbers, target in tuning} <= tasks.CD_TUNING_KEYS
+    held_out = evaluation | tuning
     for seed in (-1, -2999):
         prompts, answers = tasks.COUNTDOWN.training_batch(128, seed)
         assert not keys(prompts) & held_out
@@ -302,5 +307,20 @@ def test_suite_plot_without_matplotlib_fails_before_the_run(tmp_path, monkeypatc
     assert "--plot needs matplotlib" in refusal(monkeypatch, capsys, "suite", "--plot", str(tmp_path))
 
 
-def test_suite_rejects_a_bad_temperature_before_the_run(monkeypatch, capsys):
-    assert "--temperature must be" in refusal(monkeypatch, capsys, "suite", "--temperature", "-0.5")
+@pytest.mark.parametrize("temperature", ["-0.5", "1e-45"])  # 1e-45 is 0 in float32, which would divide by it
+def test_suite_rejects_a_bad_temperature_before_the_run(monkeypatch, capsys, temperature):
+    assert "--temperature must be" in refusal(monkeypatch, capsys, "suite", "--temperature", temperature)
+
+
+def test_an_output_path_is_checked_itself_and_an_existing_file_is_left_as_it_is(tmp_path):
+    blocker = tmp_path / "a-file"  # a file where a path wants a folder: unwritable, even for root
+    blocker.write_text("")
+    link = tmp_path / "link.json"
+    link.symlink_to(blocker / "out.json")  # a link to a place that cannot be written
+    with pytest.raises(OSError, match="cannot write"):
+        experiments.check_writable(str(link))
+    kept = tmp_path / "kept.json"
+    kept.write_text("keep")
+    experiments.check_writable(str(kept))
+    experiments.check_writable(str(tmp_path / "new.json"))
+    assert kept.read_text() == "keep" and not (tmp_path / "new.json").exists()

@@ -624,13 +624,27 @@ def test_bench_compile_without_triton_says_how_to_get_it():
 
 
 @pytest.mark.skipif(not attn_kernel.HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("interpret, head_dims, message", [
-    ("1", ["64"], "unset TRITON_INTERPRET"), ("0", ["64", "48"], "head dims (16, 32, 64, 128)")])
-def test_bench_compile_refuses_the_interpreter_and_other_head_dims(interpret, head_dims, message):
+@pytest.mark.parametrize("interpret, args, message", [
+    ("1", ["--head-dims", "64"], "unset TRITON_INTERPRET"),
+    ("0", ["--head-dims", "64", "48"], "head dims (16, 32, 64, 128)"),
+    ("0", ["--capability", "9.9"], "--capability must be one of 7.5, 8.0"),  # LLVM would abort on it
+])
+def test_bench_compile_refuses_the_interpreter_other_head_dims_and_unknown_gpus(interpret, args, message):
     env = dict(os.environ, TRITON_INTERPRET=interpret)
-    result = subprocess.run([sys.executable, "bench.py", "--compile", "--head-dims", *head_dims], env=env,
+    result = subprocess.run([sys.executable, "bench.py", "--compile", *args], env=env,
                             cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fractions", "1/0"], "not a fraction: '1/0'"), (["--seq-lens", "0"], "must be >= 1"),
+    (["--head-dims", "-8"], "must be >= 1")])
+def test_bench_refuses_bad_sizes_before_the_run(args, message, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_without_triton("import runpy; runpy.run_path('bench.py', run_name='__main__')",
+                                *args, "--json", str(out))
+    assert result.returncode == 2 and message in result.stderr and not result.stdout, result.stderr
+    assert not out.exists(), "a refused run leaves no file behind"
 
 
 def test_bench_json_that_cannot_be_written_fails_before_the_run(tmp_path):

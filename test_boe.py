@@ -250,6 +250,28 @@ def test_adaptive_boe_picks_its_token_outside_the_set_the_bound_reveals_anyway()
     assert checked >= 3
 
 
+@pytest.mark.parametrize("knobs", [dict(), dict(gamma=0.5, lam=2.0, h_max=1.5)], ids=["default", "gate-penalty"])
+def test_boe_scores_are_the_gate_times_min_max_influence_minus_the_penalty(knobs):
+    # Oracle: the docstring's formula written out per candidate in Python floats, on influences of both signs.
+    cfg = boe.SamplerConfig(**knobs)
+    gen = torch.Generator().manual_seed(0)
+    influence = torch.randn(3, 7, generator=gen, dtype=torch.float64) + 0.3  # [B, L]
+    candidates = torch.rand(3, 7, generator=gen) < 0.7  # [B, L]
+    candidates[:, :2] = True  # at least two candidates a row, so that max > min
+    confidence = 0.1 + 0.9 * torch.rand(3, 7, generator=gen, dtype=torch.float64)  # [B, L]
+    own_entropy = torch.rand(3, 7, generator=gen, dtype=torch.float64)  # [B, L]
+    progress = 0.8
+    got = boe.boe_scores(influence, candidates, confidence, own_entropy, progress, cfg)  # [B, L]
+    for b in range(3):
+        values = [influence[b, i].item() for i in range(7) if candidates[b, i]]
+        low, high = min(values), max(values)
+        for i in range(7):
+            if candidates[b, i]:
+                penalty = cfg.lam * max(cfg.h_max * progress - own_entropy[b, i].item(), 0.0) ** 2
+                want = confidence[b, i].item() ** cfg.gamma * (influence[b, i].item() - low) / (high - low) - penalty
+                assert math.isclose(got[b, i].item(), want, rel_tol=1e-9, abs_tol=1e-12)
+
+
 @pytest.mark.parametrize("estimator, temperature", [("norm-surprisal", 0.0), ("norm-surprisal", 0.5),
                                                      ("norm-surprisal", 1.0), ("norm-entropy", 0.0)])
 def test_norm_estimators_weigh_the_gradient_size_by_what_the_reveal_tells(estimator, temperature):
@@ -1057,7 +1079,9 @@ def test_entropy_gradient_through_routed_sdpa_equals_dense_autograd_with_inactiv
     dict(batch=3),  # another batch than `active` describes
     dict(kv_heads=2),  # fewer key/value heads without enable_gqa: SDPA's own error
     dict(attn_mask=torch.ones(3, 1, 8, 8, dtype=torch.bool)),  # all true, but not of this batch: SDPA's own error
-], ids=["causal", "bool-mask", "float-mask", "dropout", "cross", "other-batch", "heads-no-gqa", "mask-other-batch"])
+    dict(attn_mask=torch.ones(1, 2, 4, 8, 8, dtype=torch.bool)),  # all true, but broadcasts past [B, H, L, L]
+], ids=["causal", "bool-mask", "float-mask", "dropout", "cross", "other-batch", "heads-no-gqa", "mask-other-batch",
+        "mask-5d"])
 def test_router_passes_calls_it_cannot_serve_through_unchanged(call):
     call = dict(call)
     batch, key_len, kv_heads = call.pop("batch", 2), call.pop("key_len", 8), call.pop("kv_heads", 4)

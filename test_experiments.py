@@ -61,6 +61,47 @@ def test_checker_rejects_every_near_miss(name):
         assert not task.check(prompt[None], prompt[None])[0], "an unanswered prompt is not valid"
 
 
+@pytest.mark.parametrize("name", list(tasks.ALL_TASKS))
+def test_checker_rejects_a_valid_answer_whose_prompt_was_changed(name):
+    # An answer must keep its prompt: one given token changed to any other id is rejected, however
+    # valid the rest would be for the changed prompt.
+    task = tasks.ALL_TASKS[name]
+    prompts, answers = task.make_instances(10, seed=6)
+    for prompt, answer in zip(prompts, answers):
+        for position in torch.nonzero(prompt != task.model_cfg.mask_id).flatten().tolist():
+            misses = answer.repeat(task.model_cfg.vocab_size, 1)  # [V, L]
+            misses[:, position] = torch.arange(task.model_cfg.vocab_size)
+            misses = misses[misses[:, position] != answer[position]]  # [V-1, L]
+            assert not task.check(prompt.expand_as(misses), misses).any()
+
+
+@pytest.mark.parametrize("name", ["sudoku", "latin"])
+def test_grid_checker_accepts_of_all_valid_grids_exactly_those_that_keep_the_givens(name):
+    # Two valid grids differ in four cells or more, which no one-token near-miss reaches: compare the
+    # checker on every valid grid of the task with the grids that agree with the puzzle's given cells.
+    task = tasks.ALL_TASKS[name]
+    grids = tasks.GRIDS if name == "sudoku" else tasks.SQUARES  # [N, 16] every valid grid
+    prompts, _ = task.make_instances(10, seed=6)
+    for prompt in prompts:
+        accepted = grids[task.check(prompt.expand_as(grids), grids)]  # [S, 16]
+        keeps = grids[((grids == prompt) | (prompt == task.model_cfg.mask_id)).all(1)]  # [S, 16]
+        assert {tuple(row) for row in accepted.tolist()} == {tuple(row) for row in keeps.tolist()}
+        assert 1 <= len(accepted) < len(grids)
+
+
+def test_evaluate_charges_each_backward_at_the_backward_price(monkeypatch):
+    record = dict(forwards=torch.tensor([3, 5]), backwards=torch.tensor([1, 2]), wall_s=0.0)
+    monkeypatch.setattr(boe, "generate", lambda *args, **kwargs: (torch.zeros(2, 18, dtype=torch.long), record))
+    prompts = torch.zeros(2, 18, dtype=torch.long)
+    row = experiments.evaluate(None, prompts, "rule", "setting", "boe", 3, boe.SamplerConfig(),
+                               solved_fn=lambda tokens: torch.tensor([True, False]))
+    assert (row["accuracy"], row["forwards"], row["backwards"]) == (0.5, 4.0, 1.5)
+    assert row["fwd_equiv"] == 4.0 + experiments.BACKWARD_COST * 1.5
+    priced = experiments.evaluate(None, prompts, "rule", "setting", "boe", 3, boe.SamplerConfig(),
+                                  solved_fn=lambda tokens: torch.tensor([True, False]), backward_cost=10.0)
+    assert priced["fwd_equiv"] == 19.0
+
+
 def test_sudoku_puzzles_have_one_solution_on_a_grid_training_never_sees():
     assert len(tasks.GRIDS) == 288 and bool(tasks.sudoku_valid(tasks.GRIDS).all())
     train = {tuple(g) for g in tasks.TRAIN_GRIDS.tolist()}

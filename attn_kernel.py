@@ -436,8 +436,9 @@ def active_query_attention(q, k, v, active, scale=None, backend="auto", block_m=
     TRITON_INTERPRET=1 set before import), "torch", or "auto" (Triton for CUDA tensors, or CPU tensors when
     interpreted, if triton is installed and supports the shape and dtype; PyTorch otherwise). block_m /
     block_n override the Triton tile sizes (query rows, keys; 16, 32, 64 or 128) of the forward and backward
-    launches; they are checked whatever the backend, and the torch backend does not use them. The defaults are tuned per kernel; on a GPU, large explicit
-    tiles with fp32 or D = 128 can exceed shared memory, which Triton reports as an out-of-resources error.
+    launches; they are checked whatever the backend, and the torch backend does not use them. The defaults
+    are tuned per kernel; on a GPU, large explicit tiles with fp32 or D = 128 can exceed shared memory,
+    which Triton reports as an out-of-resources error.
     """
     _check_inputs(q, k, v, active)
     if backend not in ("auto", "triton", "torch"):

@@ -686,11 +686,10 @@ def compile_main(parser, args, gpu):
         parser.error(f"the Triton kernels take head dims {attn_kernel.SUPPORTED_HEAD_DIMS}; got {head_dims}")
     capability = torch.cuda.get_device_capability() if gpu else (9, 0)
     if args.capability:
-        known = ", ".join(f"{major}.{minor}" for major, minor in SMEM_LIMIT)
-        if not re.fullmatch(r"\d+\.\d", args.capability) or \
-                tuple(int(part) for part in args.capability.split(".")) not in SMEM_LIMIT:
-            parser.error(f"--capability must be one of {known} (MAJOR.MINOR); got {args.capability!r}")
-        capability = tuple(int(part) for part in args.capability.split("."))
+        known = {f"{major}.{minor}": (major, minor) for major, minor in SMEM_LIMIT}  # the GPUs it has numbers for
+        if args.capability not in known:
+            parser.error(f"--capability must be one of {', '.join(known)} (MAJOR.MINOR); got {args.capability!r}")
+        capability = known[args.capability]
     rows = compile_report(head_dims, capability)
     print(f"\n{len(ERRORS)} errors")
     if args.json:

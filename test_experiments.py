@@ -2,6 +2,7 @@
 the tuning / evaluation / training split, the tables' frontier and intervals against their definitions,
 and every measurement command end to end on the shipped models."""
 import itertools
+import json
 import math
 import os
 import subprocess
@@ -174,12 +175,28 @@ def test_corrupt_cache_is_retrained_with_a_message(tmp_path, capsys):
 
 
 def run(*args, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
-    result = subprocess.run([sys.executable, "experiments.py", *args], capture_output=True, text=True, timeout=timeout,
-                            env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+    """The stdout of `python experiments.py *args`, run as a user runs it (no TRITON_INTERPRET)."""
+    return run_each(args, timeout=timeout)[0]
+
+
+def run_each(*commands, timeout=600):
+    """The stdout of each command of experiments.py, run one after the other in one fresh Python (imports once)
+    as a user runs them: no TRITON_INTERPRET, and the shipped weights load rather than retrain."""
+    script = ("import contextlib, io, json, sys, experiments\n"
+              "outputs = []\n"
+              "for argv in json.loads(sys.argv[1]):\n"
+              "    sys.argv, out = ['experiments.py', *argv], io.StringIO()\n"
+              "    with contextlib.redirect_stdout(out):\n"
+              "        experiments.main()\n"
+              "    outputs.append(out.getvalue())\n"
+              "print(json.dumps(outputs))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], capture_output=True, text=True,
+                            timeout=timeout, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert result.returncode == 0, result.stderr
-    assert "train step" not in result.stdout, "the shipped weights should load, not be retrained"
-    return result.stdout
+    outputs = json.loads(result.stdout)
+    assert not any("train step" in out for out in outputs), "the shipped weights should load, not be retrained"
+    return outputs
 
 
 @pytest.mark.parametrize("paper", [False, True])
@@ -303,19 +320,20 @@ def test_suite_quick_runs_every_rule_on_every_task():
 
 
 def test_measurement_commands_run_on_the_shipped_models():
-    tuned = run("tune", "--instances", "4")
+    tuned, picked, fidelity, ablations, shown, timed, loss, precision, noise = run_each(
+        ["tune", "--instances", "4"], ["picks", "--instances", "10"], ["fidelity", "--instances", "6"],
+        ["ablations", "--instances", "10"], ["show", "0", "--task", "countdown", "--steps", "2"],
+        ["time-backward", "--instances", "16"], ["loss", "--instances", "100"], ["precision", "--instances", "10"],
+        ["noise", "--instances", "10"])
     assert "boe: mean accuracy over tasks (marks, sudoku, countdown)" in tuned and "adaptive_pick=" in tuned
-    picked = run("picks", "--instances", "10")
     assert "BoE wrong" in picked and "first pick on marks" in picked and "seed 2" in picked and "bound alone" in picked
     assert "the exact pick" in picked
-    assert "estimate vs lookahead" in run("fidelity", "--instances", "6")
-    assert "boe (paper, rho=1/2)" in run("ablations", "--instances", "10")
-    shown = run("show", "0", "--task", "countdown", "--steps", "2")
+    assert "estimate vs lookahead" in fidelity
+    assert "boe (paper, rho=1/2)" in ablations
     assert "boe-adaptive:" in shown and "step 1:" in shown
-    assert "active rows" in run("time-backward", "--instances", "16")
-    assert "floor:" in run("loss", "--instances", "100")
-    assert "bfloat16" in run("precision", "--instances", "10").splitlines()[1]
-    noise = run("noise", "--instances", "10")
+    assert "active rows" in timed
+    assert "floor:" in loss
+    assert "bfloat16" in precision.splitlines()[1]
     assert "s = 1e-06" in noise and "boe-adaptive gamma 0.1" in noise and "latin" in noise
 
 

@@ -29,7 +29,8 @@ in a CUDA graph. `reference_attention` is the dense oracle.
 Triton is optional: where it is not installed (there are no triton wheels for macOS or Windows) the module
 still imports, backend="auto" takes the PyTorch path and backend="triton" raises an ImportError that says
 how to get it. Likewise where Triton's interpreter is on and cannot run (Triton 3.6 with NumPy 2.4), with a
-RuntimeError that names both versions. Both backends give first derivatives only.
+RuntimeError that names both versions. Both backends give first derivatives only (differentiating a
+gradient again is an error), and inside torch.func's transforms backend="auto" takes the PyTorch path.
 """
 import contextlib
 import contextvars
@@ -417,15 +418,30 @@ class _ActiveQueryAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels' gradients have no graph of their own
     def backward(ctx, dout):
         q, k, v, out, lse, active = ctx.saved_tensors
-        need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
+        dq, dk, dv = _TritonBackward.apply(q, k, v, out, lse, dout, active, ctx.settings, ctx.needs_input_grad[:3])
+        return dq, dk, dv, None, None, None, None
+
+
+class _TritonBackward(torch.autograd.Function):
+    """The backward kernels as a function of q, k, v (and what the forward saved): a gradient taken with
+    create_graph=True stays connected to them, so that differentiating it again, by .backward() or by
+    autograd.grad(..., q), gets this error rather than a None or torch's "not used in the graph"."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, out, lse, dout, active, settings, needs_input_grad):
+        need_dq, need_dk, need_dv = needs_input_grad
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()  # any layout with unit stride along D
         with _on_device_of(q):
-            dq, dk, dv = _triton_backward(q, k, v, out, lse, dout, active, *ctx.settings,
+            dq, dk, dv = _triton_backward(q, k, v, out, lse, dout, active, *settings,
                                           need_dq=need_dq, need_dkdv=need_dk or need_dv)
-        return dq, dk if need_dk else None, dv if need_dv else None, None, None, None, None
+        return dq, dk if need_dk else None, dv if need_dv else None
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("active_query_attention gives first derivatives only: its Triton backward cannot be "
+                           "differentiated (for second derivatives use plain attention)")
 
 
 def active_query_attention(q, k, v, active, scale=None, backend="auto", block_m=None, block_n=None):
@@ -455,9 +471,11 @@ def active_query_attention(q, k, v, active, scale=None, backend="auto", block_m=
 
     # CUDA tensors, and CPU tensors in Triton's interpreter (which runs CUDA tensors' kernels too)
     triton_device = q.is_cuda or (INTERPRETED and q.device.type == "cpu")
+    # torch.func's transforms (grad, vmap, jacrev, ...) wrap tensors that Triton's launches cannot read
+    under_torch_func = torch._C._are_functorch_transforms_active()
     if backend == "auto":
         usable = HAS_TRITON and triton_device and not INTERPRETER_CONFLICT and _triton_unsupported_reason(q) is None
-        backend = "triton" if usable else "torch"
+        backend = "triton" if usable and not under_torch_func else "torch"
     if backend == "torch":
         return _torch_attention(q, k, v, active, scale)
 
@@ -471,6 +489,9 @@ def active_query_attention(q, k, v, active, scale=None, backend="auto", block_m=
                          f"tensors on {q.device}: use backend='torch'")
     if INTERPRETER_CONFLICT:  # with TRITON_INTERPRET=1 CUDA tensors are interpreted too
         raise RuntimeError(INTERPRETER_CONFLICT)
+    if under_torch_func:
+        raise RuntimeError("backend='triton' cannot run inside torch.func transforms (grad, vmap, jacrev, ...): "
+                           "use backend='torch' or 'auto', which take the PyTorch path there")
     reason = _triton_unsupported_reason(q)
     if reason is not None:
         raise TypeError(reason) if "dtype" in reason else ValueError(reason)

@@ -493,13 +493,33 @@ def test_empty_batch_heads_or_length_give_empty_output_and_gradients(backend, sh
 
 
 @needs_triton
-def test_triton_backward_refuses_to_be_differentiated_again():
+@pytest.mark.parametrize("how", ["backward", "grad", "grad allow_unused"])
+def test_triton_backward_refuses_to_be_differentiated_again(how):
+    # However a second derivative is asked for: an error that says why, not torch's "not used in the graph"
+    # or, with allow_unused=True, a silent None that reads as a zero second derivative.
     q, k, v, active, _ = make_inputs(single(16, (("all",),)))
     q.requires_grad_()
     out = active_query_attention(q, k, v, active, backend="triton")
     dq, = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        dq.sum().backward()
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        if how == "backward":
+            dq.sum().backward()
+        else:
+            torch.autograd.grad(dq.sum(), q, allow_unused=how == "grad allow_unused")
+
+
+def test_torch_func_takes_the_torch_path_under_auto_and_is_refused_by_triton():
+    q, k, v, active, _ = make_inputs(single(16, (("random", 0.5),)))
+
+    def loss(q, backend="auto"):
+        return active_query_attention(q, k, v, active, backend=backend).pow(2).sum()
+
+    q = q.detach().requires_grad_()
+    expected, = torch.autograd.grad(loss(q, "torch"), q)
+    torch.testing.assert_close(torch.func.grad(loss)(q.detach()), expected)
+    if attn_kernel.HAS_TRITON and attn_kernel.INTERPRETED:
+        with pytest.raises(RuntimeError, match="cannot run inside torch.func"):
+            torch.func.grad(lambda q: loss(q, "triton"))(q.detach())
 
 
 @needs_triton

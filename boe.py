@@ -279,9 +279,8 @@ class Step:
 def predict(model, tokens):
     """Logits and probabilities with [MASK] excluded: the model never proposes [MASK]."""
     logits = model(tokens).float()  # [B, L, V]
-    if logits.isnan().any():
-        raise ValueError("the model returned NaN logits")
     logits[..., model.mask_id] = -math.inf
+    check_logits(logits, "the model")
     return logits, logits.softmax(-1)  # [B, L, V], [B, L, V]
 
 
@@ -387,7 +386,8 @@ def generate(model, prompts, steps, order="boe", cfg=SamplerConfig(), seed=0):
         if not n_masked.any():
             break
         steps_left = steps - t
-        budget = (n_masked + steps_left - 1) // steps_left  # [B] ceil(masked / steps_left)
+        spread = min(steps_left, L)  # as good as steps_left (masked <= L), and no int64 overflow for a huge `steps`
+        budget = (n_masked + spread - 1) // spread  # [B] ceil(masked / steps_left)
         forwards += n_masked > 0
         if order in ("boe", "boe-adaptive"):  # the step's forward and BoE's scores from one call (section 4)
             logits, scores, budget, charged = boe_step(tokens, masked, budget, model.token_embedding.weight,
@@ -613,9 +613,8 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
                                     len(embedding))
     # A copy, also of float32 logits: a model's last op may keep its output for the backward (log_softmax does)
     logits = raw_logits.detach().to(torch.float32, copy=True)  # [B, L, V]
-    if logits.isnan().any():
-        raise ValueError("logits_fn returned NaN logits")
     logits[..., mask_id] = -math.inf  # the model never proposes [MASK]
+    check_logits(logits, "logits_fn")
     probs = logits.softmax(-1)  # [B, L, V]
     own_entropy = entropy(probs)  # [B, L]
     # Where the entropy bound would reveal every revealable position, all of them but the most uncertain
@@ -705,6 +704,13 @@ def describe(x):
 
 def is_int_tensor(x, dim):  # int64 or int32: what torch indexes with (uint8 would be a mask, int8 wraps)
     return isinstance(x, torch.Tensor) and x.dim() == dim and x.dtype in (torch.int64, torch.int32)
+
+
+def check_logits(logits, source):
+    """Every position's logits [B, L, V] ([MASK] at -inf) must give a distribution to commit from."""
+    if not logits.amax(-1).isfinite().all():  # amax is NaN where any logit is
+        raise ValueError(f"{source} returned NaN or +inf logits, or -inf for every token but [MASK] (nothing to "
+                         f"commit)")
 
 
 def check_generate_args(model, prompts, steps, order, cfg):

@@ -534,7 +534,7 @@ def boe_step_args(**bad):
     (dict(cfg=boe.SamplerConfig(estimator="nrom")), ValueError, "estimator must be one of"),
     (dict(cfg=dataclasses.replace(boe.PAPER_BOE, candidates=0)), ValueError, "with candidates=0 .* there are none"),
     (dict(logits_fn=lambda embeds, active=None: random_model().forward_embeds(embeds, active) * math.nan), ValueError,
-     "logits_fn returned NaN logits"),
+     r"logits_fn returned NaN or \+inf logits"),
     (dict(logits_fn=lambda embeds: embeds), TypeError, "logits_fn must take an `active` keyword"),
     (dict(logits_fn=lambda embeds, active=None: embeds), TypeError,
      r"one logit per row of the embedding table \(V = 14\)"),
@@ -801,13 +801,35 @@ def test_bad_generate_input_gets_a_clear_error(bad, error, match):
 
 
 @pytest.mark.parametrize("order", ["confidence", "entropy-bound", "boe", "boe-adaptive"])
-def test_a_model_that_returns_nan_gets_a_clear_error(order):
-    # Left alone, NaN logits would be committed as token 0 at the argmax, or crash inside torch.multinomial.
+@pytest.mark.parametrize("bad", ["NaN", "+inf", "only [MASK]"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_model_whose_logits_give_no_distribution_gets_a_clear_error(order, bad, temperature):
+    # Left alone, NaN logits would be committed as token 0 at the argmax, +inf ones turn the softmax into NaN, a
+    # model with -inf for every token but [MASK] gets [MASK] committed at the argmax; sampling crashes inside
+    # torch.multinomial on all three.
     model = random_model()
     with torch.no_grad():
-        model.head.bias[3] = math.nan
-    with pytest.raises(ValueError, match="NaN logits"):
-        boe.generate(model, partly_masked_prompts(2), 3, order)
+        if bad == "only [MASK]":
+            model.head.bias.fill_(-math.inf)
+            model.head.bias[model.mask_id] = 0.0
+        else:
+            model.head.bias[3] = float(bad.lower())
+    with pytest.raises(ValueError, match=r"NaN or \+inf logits, or -inf for every token but \[MASK\]"):
+        boe.generate(model, partly_masked_prompts(2), 3, order, boe.SamplerConfig(temperature=temperature))
+
+
+@pytest.mark.parametrize("order", ["confidence", "boe"])
+def test_a_step_cap_past_int64_decodes_one_reveal_a_step(order):
+    # The schedule's ceil(masked / steps_left) must not overflow int64 and reveal nothing, charging forwards.
+    model = random_model()
+    prompts = partly_masked_prompts()
+    masked = (prompts == boe.MASK).sum(1)  # [n]
+    tokens, record = boe.generate(model, prompts, boe.SEQ_LEN, order)
+    for steps in (2**63, 2**70):
+        huge, huge_record = boe.generate(model, prompts, steps, order)
+        assert not (huge == boe.MASK).any() and torch.equal(huge_record["forwards"], masked)
+        if order == "confidence":  # BoE's penalty floor follows steps_left / steps, so it may differ from L steps
+            assert torch.equal(huge, tokens) and torch.equal(record["forwards"], masked)
 
 
 @pytest.mark.parametrize("order", ["confidence", "boe", "boe-adaptive"])

@@ -29,8 +29,9 @@ in a CUDA graph. `reference_attention` is the dense oracle.
 Triton is optional: where it is not installed (there are no triton wheels for macOS or Windows) the module
 still imports, backend="auto" takes the PyTorch path and backend="triton" raises an ImportError that says
 how to get it. Likewise where Triton's interpreter is on and cannot run (Triton 3.6 with NumPy 2.4), with a
-RuntimeError that names both versions. Both backends give first derivatives only (differentiating a
-gradient again is an error), and inside torch.func's transforms backend="auto" takes the PyTorch path.
+RuntimeError that names both versions. The Triton path gives first derivatives only (differentiating its
+gradient again is an error); the PyTorch path's second derivatives are SDPA's (its fused kernels refuse
+them). Inside torch.func's transforms backend="auto" takes the PyTorch path.
 """
 import contextlib
 import contextvars

@@ -450,7 +450,8 @@ def commit(logits, temperature, generators):
 #       run with gradient tracking, so one backward follows and no second forward.
 #   reveal="soft"  delta_i = e~_i - E[MASK] (the paper); "onehot" E[argmax p_i] - E[MASK], the argmax commit [ours].
 # From g to a score: the paper's tangent, or |g_i| weighed by what the committed token tells
-# (influence_scores); then the paper's confidence gate and anti-collapse penalty (boe_scores).
+# (influence_scores); then the paper's confidence gate (its form c ** gamma ours, off by default: gamma = 0)
+# and anti-collapse penalty (boe_scores).
 #
 # The set rule [ours]: a step commits its reveals together, each from its marginal, and the tokens that
 # most lower the others' entropy are the most tied to each other, so two of them revealed together can
@@ -637,7 +638,9 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
         positions, valid = top_masked(probs.max(-1).values, revealable, count)  # [B, K]
         candidates = torch.zeros_like(masked).scatter(1, positions, valid)  # [B, L]
     influence = torch.zeros(tokens.shape, device=tokens.device)  # [B, L]
-    charged = (picks > 0) & cfg.use_tis  # [B] rows whose pick needs TIS
+    # [B] rows whose picks need TIS: with no more candidates than picks (the paper's whole budget by score, with
+    # r <= budget) every candidate is picked whatever its score
+    charged = (picks > 0) & (candidates.sum(1) > picks) & cfg.use_tis
     if not charged.any():  # nothing TIS would decide: the graph, if any, is dropped unused
         return logits, budget, candidates, picks, influence, charged
     reveal_embeds = reveal_embeddings(logits, embedding, cfg)  # [B, L, D]

@@ -176,7 +176,7 @@ def test_fused_step_gives_the_logits_and_influence_of_separate_passes(estimator,
 
 
 @pytest.mark.parametrize("cfg", [boe.SamplerConfig(), boe.SamplerConfig(sparse_backward=False),
-                                 dataclasses.replace(boe.PAPER_BOE, candidates=3)], ids=["default", "dense", "paper-r3"])
+                                 dataclasses.replace(boe.PAPER_BOE, candidates=4)], ids=["default", "dense", "paper-r4"])
 def test_boe_step_takes_log_probabilities_as_logits(cfg):
     # Some models return log-probabilities (log_softmax keeps its output for the backward): the step must not
     # write into them, and scores and picks are those of the plain logits (softmax ignores a shift).
@@ -428,8 +428,13 @@ def test_forward_and_backward_counts_are_as_documented():
     _, single = boe.generate(model, prompts, 9, "boe")
     assert single["forwards"].tolist() == [9] * 4 and single["backwards"].tolist() == [0] * 4
     # The paper's surrogate: one surrogate forward and one backward per step with a choice and probes.
-    _, paper = boe.generate(model, prompts, steps, "boe", dataclasses.replace(boe.PAPER_BOE, candidates=2))
+    _, paper = boe.generate(model, prompts, steps, "boe", dataclasses.replace(boe.PAPER_BOE, candidates=4))
     assert paper["forwards"].tolist() == [steps + 2] * 4 and paper["backwards"].tolist() == [2] * 4
+    # With r <= the budget the paper's rule picks every candidate, the budget's most confident, whatever TIS
+    # says: no surrogate and no backward, and the reveals are confidence's.
+    narrow_tokens, narrow = boe.generate(model, prompts, steps, "boe", dataclasses.replace(boe.PAPER_BOE, candidates=2))
+    assert narrow["forwards"].tolist() == [steps] * 4 and narrow["backwards"].tolist() == [0] * 4
+    assert torch.equal(narrow_tokens, boe.generate(model, prompts, steps, "confidence")[0])
     # With r = 8, step 2 (6 masked) has every masked position as a candidate: no probes, no surrogate.
     _, wide = boe.generate(model, prompts, steps, "boe", boe.PAPER_BOE)
     assert wide["forwards"].tolist() == [steps + 1] * 4 and wide["backwards"].tolist() == [1] * 4
@@ -1045,7 +1050,7 @@ def reference_sdpa(active):
 
 @pytest.mark.parametrize("cfg", [boe.SamplerConfig(sparse_backward=True),
                                  boe.SamplerConfig(estimator="tangent", sparse_backward=True),
-                                 dataclasses.replace(boe.PAPER_BOE, candidates=3)], ids=["default", "tangent", "paper-r3"])
+                                 dataclasses.replace(boe.PAPER_BOE, candidates=4)], ids=["default", "tangent", "paper-r4"])
 def test_boe_step_on_a_hugging_face_style_model_matches_the_reference_semantics(cfg, monkeypatch):
     model = stand_in()
     tokens, masked = stand_in_state()

@@ -246,13 +246,18 @@ def builtin_table(model, prompts, steps_list, paper=False, json_path=None, tempe
 
 
 def run_suite(task_names, seeds, instances, steps_override=None, temperature=0.0):
-    """{task: {(rule, setting): [row per model]}}, rows as evaluate makes them, plus "successes"; every
-    rule commits at `temperature` (0: the argmax)."""
+    """{task: {(rule, setting): [row per model]}}, rows as evaluate makes them, plus "solved" ("1" where
+    instance i is solved, "0" where not); every rule commits at `temperature` (0: the argmax)."""
     results = {}
     for name in task_names:
         task = tasks.ALL_TASKS[name]
         prompts, _ = task.make_instances(instances, seed=1)
-        solved = lambda tokens: task.check(prompts, tokens)  # noqa: E731
+        checked = {}
+
+        def solved(tokens):  # kept per instance, for the interval over models (pooled)
+            checked["solved"] = task.check(prompts, tokens)  # [n] bool
+            return checked["solved"]
+
         rows = rule_rows(steps_override or task.steps, answer_length(prompts, task), temperature=temperature)
         results[name] = {}
         for seed in seeds:
@@ -260,23 +265,38 @@ def run_suite(task_names, seeds, instances, steps_override=None, temperature=0.0
             start = time.time()
             for label, setting, order, steps, cfg in rows:
                 row = evaluate(model, prompts, label, setting, order, steps, cfg, solved)
-                row.update(successes=round(row["accuracy"] * instances), instances=instances)
+                row.update(solved="".join("01"[ok] for ok in checked["solved"].tolist()))  # instance i solved
                 results[name].setdefault((label, setting), []).append(row)
             print(f"{name}, model seed {seed}: {len(rows)} rules in {time.time() - start:.0f} s", flush=True)
     return results
 
 
 def pooled(rows):
-    """The rows of one rule over the models: mean accuracy, its range, the 95 % interval of the pooled
-    decodings (the mean model's), and the mean compute."""
-    n = sum(row["instances"] for row in rows)
+    """The rows of one rule over the models: mean accuracy, its range, the 95 % interval of the mean model
+    (pooled_interval), and the mean compute."""
+    solved = torch.tensor([[mark == "1" for mark in row["solved"]] for row in rows])  # [M, N]
     accuracies = [row["accuracy"] for row in rows]
     return dict(rule=rows[0]["rule"], setting=rows[0]["setting"], accuracy=sum(accuracies) / len(rows),
-                low=min(accuracies), high=max(accuracies),
-                ci95=wilson_interval(sum(row["successes"] for row in rows), n),
+                low=min(accuracies), high=max(accuracies), ci95=pooled_interval(solved),
                 forwards=sum(row["forwards"] for row in rows) / len(rows),
                 backwards=sum(row["backwards"] for row in rows) / len(rows),
                 fwd_equiv=sum(row["fwd_equiv"] for row in rows) / len(rows))
+
+
+def pooled_interval(solved):
+    """95 % interval of the mean accuracy of M models that decoded the same N instances, from solved [M, N]
+    (bool). The M N decodings are not independent trials: an instance one model fails, the others often fail
+    too. So Wilson's interval is taken at Kish's effective sample size n_eff = M N / deff, with the design
+    effect deff = M var(m) / (p (1 - p)) over the instances' means m across models: n_eff = N where the
+    models agree on every instance, M N where they fail independently (more is not counted)."""
+    models, n = solved.shape
+    per_instance = solved.double().mean(0)  # [N] m_i, the share of models that solve instance i
+    p, variance = per_instance.mean().item(), per_instance.var(unbiased=False).item()
+    if p * (1 - p) == 0:  # every decoding solved, or none: the models agree everywhere
+        n_eff = n
+    else:
+        n_eff = min(max(n * p * (1 - p) / variance if variance > 0 else math.inf, n), models * n)
+    return wilson_interval(p * n_eff, n_eff)
 
 
 def print_suite(results):
@@ -285,7 +305,7 @@ def print_suite(results):
         models = len(next(iter(by_rule.values())))
         per_model_frontier = [frontier([rows[m] for rows in by_rule.values()]) for m in range(models)]
         print(f"\n{name} ({task.kind}): {models} models, mean over them; range = lowest and highest model; "
-              f"interval = 95 % of the pooled decodings; frontier = on how many models' compute frontier")
+              f"interval = 95 % of the mean model (pooled_interval); frontier = on how many models' compute frontier")
         print(f"{'rule':<16}{'setting':<12}{'accuracy':>9}{'range':>16}{'95% interval':>17}{'forwards':>10}"
               f"{'backwards':>10}{'fwd-equiv':>10}{'frontier':>10}")
         for rows in sorted(by_rule.values(), key=lambda rows: pooled(rows)["fwd_equiv"]):
@@ -306,7 +326,7 @@ FAMILIES = {  # how the plot draws each rule: one line through its settings
 
 def plot_suite(results, folder):
     """One PNG per task: accuracy against fwd-equiv, one line per rule through its settings (the budgets
-    of a fixed-schedule rule, the sweep of an adaptive one), the pooled 95 % interval as error bars."""
+    of a fixed-schedule rule, the sweep of an adaptive one), the mean model's 95 % interval (pooled_interval) as error bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -351,9 +371,10 @@ ESTIMATORS = (("tangent", "onehot"), ("tangent", "soft"), ("norm", "onehot"), ("
 
 def tune(instances):
     """Every combination of BoE's main knobs, fixed schedule and adaptive, on `instances` tuning instances
-    (seed 0) of every task, with every trained model of the task. Rule: the highest accuracy averaged over
-    tasks (each task's budgets and models averaged first), so that every task counts the same; on a tie,
-    the cheaper."""
+    (seed 0) of every task, with every trained model of the task, ranked by accuracy averaged over tasks
+    (each task's budgets and models averaged first, so that every task counts the same; on a tie, the
+    cheaper first). The defaults follow the README's rule: one changes only where another configuration
+    beats it by more than 0.01, about one standard error of these means."""
     grid = [replace(boe.SamplerConfig(), estimator=estimator, reveal=reveal, influential=influential, lam=lam,
                     h_max=h_max, sparse_backward=sparse)
             for estimator, reveal in ESTIMATORS for influential in (0, 1)

@@ -237,6 +237,33 @@ def test_wilson_interval_holds_the_proportions_a_binomial_test_does_not_reject(s
     assert high == pytest.approx(grid[inside].max().item(), abs=1e-5)
 
 
+def test_pooled_interval_counts_instances_the_models_agree_on_once():
+    # Models that agree on every instance add no trials: Wilson at N. Models whose outcomes are as spread as
+    # independent ones (var of the per-instance mean = p (1 - p) / M): Wilson at M N.
+    agree = torch.tensor([[1, 1, 0, 1, 0], [1, 1, 0, 1, 0], [1, 1, 0, 1, 0]], dtype=torch.bool)
+    assert experiments.pooled_interval(agree) == pytest.approx(experiments.wilson_interval(3, 5))
+    spread = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)  # m = 1, 1/2, 1/2, 0: var 1/8
+    assert experiments.pooled_interval(spread) == pytest.approx(experiments.wilson_interval(4, 8))
+    assert experiments.pooled_interval(torch.ones(3, 10, dtype=torch.bool)) == experiments.wilson_interval(10, 10)
+
+
+def test_pooled_interval_covers_the_mean_model_where_counting_every_decoding_does_not():
+    # 3 models on instances of random difficulty d ~ Beta(1/2, 1/2), each solving one with probability d: the
+    # mean model's accuracy is E[d] = 1/2. About 95 % of the intervals must hold it; Wilson over all M N
+    # decodings as if independent holds it far less often (the design effect here is 2).
+    gen = torch.Generator().manual_seed(0)
+    covered, naive = 0, 0
+    runs, models, n = 400, 3, 200
+    for _ in range(runs):
+        difficulty = (math.pi / 2 * torch.rand(n, generator=gen)).sin() ** 2  # [N] Beta(1/2, 1/2): the arcsine law
+        solved = torch.rand(models, n, generator=gen) < difficulty  # [M, N]
+        low, high = experiments.pooled_interval(solved)
+        covered += low <= 0.5 <= high
+        low, high = experiments.wilson_interval(int(solved.sum()), models * n)
+        naive += low <= 0.5 <= high
+    assert 0.92 <= covered / runs <= 0.98 and naive / runs < 0.9, (covered / runs, naive / runs)
+
+
 def test_lookahead_candidates_rank_above_every_other_position_however_large_their_costs(monkeypatch):
     # The searched candidates must rank above the rest whatever their costs: a fixed offset fails once
     # costs reach it. Costs far beyond any entropy sum are made up here.

@@ -295,7 +295,7 @@ def top_masked(values, masked, count):
     lowest = torch.finfo(values.dtype).min  # a masked position ranks above every other, -inf or NaN included
     values = values.nan_to_num(nan=lowest, posinf=math.inf, neginf=lowest).masked_fill(~masked, -math.inf)  # [B, L]
     ranked = values.argsort(dim=1, descending=True, stable=True)  # [B, L]
-    positions = ranked[:, :k]  # [B, K] ties go to the left, as in the decoding loop
+    positions = ranked[:, :k]  # [B, K] ties go to the left
     valid = torch.arange(k, device=values.device) < torch.minimum(count, masked.sum(1))[:, None]  # [B, K]
     return positions, valid
 
@@ -403,12 +403,9 @@ def generate(model, prompts, steps, order="boe", cfg=SamplerConfig(), seed=0):
             if isinstance(scores, tuple):  # an adaptive rule: how many, at least the schedule's floor
                 scores, wanted = scores  # [B, L], [B]
                 budget = torch.maximum(budget, wanted.to(budget))  # [B]
-        # Masked positions rank above all others whatever a rule returns (-inf or NaN included); a
-        # stable sort breaks ties towards the left.
-        scores = scores.float().nan_to_num(nan=-3e38, neginf=-3e38).masked_fill(~masked, -math.inf)  # [B, L]
-        ranked = scores.argsort(dim=1, descending=True, stable=True)  # [B, L] positions, best first
-        in_budget = torch.arange(L, device=device) < budget[:, None]  # [B, L] rank r -> r < budget
-        reveal = torch.zeros_like(masked).scatter(1, ranked, in_budget) & masked  # [B, L]
+        # The budget's best masked positions, whatever a rule returns (-inf or NaN included); ties go left.
+        positions, valid = top_masked(scores.float(), masked, budget)  # [B, K]
+        reveal = torch.zeros_like(masked).scatter(1, positions, valid)  # [B, L]
         tokens = torch.where(reveal, commit(logits, cfg.temperature, generators), tokens)  # [B, L]
         reveal_step[reveal] = t
     record = dict(reveal_step=reveal_step, forwards=forwards, backwards=backwards, wall_s=time.time() - start)

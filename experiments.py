@@ -326,7 +326,8 @@ FAMILIES = {  # how the plot draws each rule: one line through its settings
 
 def plot_suite(results, folder):
     """One PNG per task: accuracy against fwd-equiv, one line per rule through its settings (the budgets
-    of a fixed-schedule rule, the sweep of an adaptive one), the mean model's 95 % interval (pooled_interval) as error bars."""
+    of a fixed-schedule rule, the sweep of an adaptive one), the mean model's 95 % interval (pooled_interval)
+    as error bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -176,7 +176,8 @@ def test_fused_step_gives_the_logits_and_influence_of_separate_passes(estimator,
 
 
 @pytest.mark.parametrize("cfg", [boe.SamplerConfig(), boe.SamplerConfig(sparse_backward=False),
-                                 dataclasses.replace(boe.PAPER_BOE, candidates=4)], ids=["default", "dense", "paper-r4"])
+                                 dataclasses.replace(boe.PAPER_BOE, candidates=4)],
+                         ids=["default", "dense", "paper-r4"])
 def test_boe_step_takes_log_probabilities_as_logits(cfg):
     # Some models return log-probabilities (log_softmax keeps its output for the backward): the step must not
     # write into them, and scores and picks are those of the plain logits (softmax ignores a shift).
@@ -1050,7 +1051,8 @@ def reference_sdpa(active):
 
 @pytest.mark.parametrize("cfg", [boe.SamplerConfig(sparse_backward=True),
                                  boe.SamplerConfig(estimator="tangent", sparse_backward=True),
-                                 dataclasses.replace(boe.PAPER_BOE, candidates=4)], ids=["default", "tangent", "paper-r4"])
+                                 dataclasses.replace(boe.PAPER_BOE, candidates=4)],
+                         ids=["default", "tangent", "paper-r4"])
 def test_boe_step_on_a_hugging_face_style_model_matches_the_reference_semantics(cfg, monkeypatch):
     model = stand_in()
     tokens, masked = stand_in_state()

@@ -252,6 +252,67 @@ class RecordLaunches:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_q_k_v_in_three_different_layouts(backend):
+    # Every other test gives k and v one layout, so reading v with k's strides would pass them.
+    problem = single(45, (("random", 40), ("run", 3, 20)))
+    q, k, v, active, dout = make_inputs(problem)
+    q = q.contiguous()  # [B, H, L, D]
+    buffer = torch.full((45 + 7, 2, 2, 32 + 8), float("nan"), device=DEVICE)  # [L + pad, B, H, D + pad]
+    v = buffer[2:47, :, :, :32].permute(1, 2, 0, 3).copy_(v)  # [B, H, L, D], rows B * H * (D + pad) apart
+    assert len({q.stride(), k.stride(), v.stride()}) == 3
+    check_against_float64(backend, problem, q, k, v, active, dout)
+
+
+@needs_triton
+@pytest.mark.parametrize("block_m, block_n", [(None, None), (16, 64), (64, 16)])
+def test_explicit_tiles_reach_the_launches(block_m, block_n, monkeypatch):
+    # Ignored tiles would still give right results, and the tests drawing tiles would test one tiling only.
+    launched = []
+    for name in ("_attention_forward_kernel", "_attention_backward_kernel"):
+        monkeypatch.setattr(attn_kernel, name, RecordLaunches(getattr(attn_kernel, name), name, launched))
+    seq_len = 70
+    q, k, v, active, dout = make_inputs(single(seq_len, (("random", 50),)))
+    q.requires_grad_(), k.requires_grad_()
+    active_query_attention(q, k, v, active, backend="triton", block_m=block_m, block_n=block_n).backward(dout)
+    forward_rows = attn_kernel._tile_sizes("forward", 32, q.dtype, block_m, block_n)[0]  # the defaults where None
+    rows = attn_kernel._tile_sizes("dq", 32, q.dtype, block_m, block_n)[0]
+    keys = attn_kernel._tile_sizes("dkdv", 32, q.dtype, block_m, block_n)[1]
+    if block_m is not None:
+        assert forward_rows == rows == block_m and keys == block_n
+    (_, forward_grid, _), (_, backward_grid, _) = launched
+    assert forward_grid[0] == math.ceil(seq_len / forward_rows)  # one program per BLOCK_M query rows
+    assert backward_grid[0] == math.ceil(seq_len / rows) + math.ceil(seq_len / keys)  # dQ, then dK/dV programs
+
+
+@needs_triton
+def test_prepare_kernel_lists_the_active_rows_and_sums_delta_in_float32():
+    # The prepare kernel alone, on buffers filled with garbage: per sequence the count of active rows, the
+    # active rows ascending then the inactive ones descending, and Delta = rowsum(out * dOut) of the active
+    # rows summed in float32 (an fp16 sum stays within the end-to-end tolerances, so only this sees it).
+    batch, heads, seq_len, head_dim = 3, 2, 75, 64  # 75 rows: three listing steps of 32 in the interpreter
+    gen = torch.Generator().manual_seed(0)
+    out = torch.randn(batch, heads, seq_len, head_dim, generator=gen).half().to(DEVICE)  # [B, H, L, D]
+    dout = (30 * torch.randn(batch, heads, seq_len, head_dim, generator=gen)).half().to(DEVICE)  # [B, H, L, D]
+    active = torch.stack([torch.zeros(seq_len, dtype=torch.bool), torch.rand(seq_len, generator=gen) < 0.4,
+                          torch.ones(seq_len, dtype=torch.bool)]).to(DEVICE)  # [B, L]
+    rows = torch.full((batch, seq_len), -1, dtype=torch.int32, device=DEVICE)  # [B, L]
+    counts = torch.full((batch,), -1, dtype=torch.int32, device=DEVICE)  # [B]
+    delta = torch.full((batch, heads, seq_len), math.nan, device=DEVICE)  # [B, H, L]
+    per_program, listing_step = attn_kernel._tile_sizes("prepare", head_dim, out.dtype, None, None)
+    attn_kernel._attention_backward_prepare_kernel[(math.ceil(seq_len / per_program), heads, batch)](
+        out, dout, active, delta, rows, counts, *attn_kernel._row_strides(dout), *active.stride(), heads, seq_len,
+        HEAD_DIM=head_dim, BLOCK_M=per_program, SCAN_BLOCK=listing_step)
+    for b in range(batch):
+        on, off = active[b].nonzero().flatten(), (~active[b]).nonzero().flatten()
+        assert counts[b].item() == len(on)
+        assert torch.equal(rows[b, : len(on)].long(), on) and torch.equal(rows[b, len(on) :].long(), off.flip(0))
+    terms = out.double() * dout.double()  # [B, H, L, D] the fp16 values' products, exact
+    on_rows = active[:, None, :].expand(batch, heads, seq_len)  # [B, H, L]
+    error = (delta.double() - terms.sum(-1))[on_rows].abs()
+    assert (error <= 1e-6 * terms.abs().sum(-1)[on_rows]).all(), error.max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_keys_shared_across_heads_and_transposed_dout(backend):
     # k and v expanded over heads (stride 0, as in multi-query attention); dOut not contiguous along D, so
     # the Triton path has to copy it.
@@ -689,7 +750,8 @@ def test_bench_gpu_code_runs_in_the_interpreter(monkeypatch):
     monkeypatch.setattr(boe, "ATTENTION_BACKEND", boe.ATTENTION_BACKEND)  # boe_step_functions sets it
     monkeypatch.setattr(bench, "BOE_MODEL", dict(vocab_size=64, mask_id=63, seq_len=40, n_layer=1, n_head=2,
                                                  d_model=32))
-    for name, value in dict(BOE_BATCH=2, BOE_PROMPT=8, BOE_BUDGET=4, BOE_CANDIDATES=4).items():  # 8 masked: probes left
+    # 8 masked: more candidates than the budget (a choice to make), and probes left
+    for name, value in dict(BOE_BATCH=2, BOE_PROMPT=8, BOE_BUDGET=4, BOE_CANDIDATES=6).items():
         monkeypatch.setattr(bench, name, value)
 
     impls, candidate, reference = bench.implementations(True, "cpu", torch.float32)

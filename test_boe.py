@@ -600,6 +600,54 @@ def test_prompt_without_masks_is_returned_unchanged():
 # Adaptive rules: the entropy bound, the confidence threshold, adaptive BoE
 
 
+def test_surrogate_sparse_tis_is_dense_autograd_with_rows_outside_candidates_and_probes_detached(monkeypatch):
+    # At the surrogate the active rows are the candidates and the probes: the gradient reaches a candidate's
+    # embedding through its own row as well as through the probes' attention to it.
+    model = random_model(torch.float64)
+    tokens = partly_masked_prompts()
+    masked = tokens == boe.MASK  # [B, L]
+    budget = torch.full((len(tokens),), 2)  # [B]
+    table = model.token_embedding.weight  # [V, D]
+    cfg = dataclasses.replace(boe.PAPER_BOE, candidates=4)
+    logits, _, candidates, _, influence, charged = boe.boe_influence(tokens, masked, budget, table,
+                                                                     model.forward_embeds, boe.MASK, cfg)
+    assert charged.any()
+    probes = boe.surrogate_probes(logits, masked, candidates, cfg) & charged[:, None]  # [B, L]
+    reveal = boe.reveal_embeddings(logits, table, cfg)  # [B, L, D]
+    surrogate = torch.where(candidates[..., None], reveal, model.embed(tokens)).detach()  # [B, L, D]
+    delta = (reveal - table[boe.MASK]).detach() * candidates[..., None]  # [B, L, D]
+    monkeypatch.setattr(boe, "active_query_attention",  # every layer: dense attention, other rows detached
+                        lambda q, k, v, active, backend: attn_kernel.reference_attention(q, k, v, active))
+    _, grad = boe.entropy_gradient(model.forward_embeds, surrogate, probes, boe.MASK, candidates | probes)
+    want = boe.influence_scores(grad, delta, logits.softmax(-1), candidates, cfg) * charged[:, None]  # [B, L]
+    assert torch.allclose(influence, want.to(influence), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("tau", [0.5, 2.0])
+def test_soft_reveal_is_the_table_weighted_by_p_to_the_one_over_tau(tau):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64)  # [B, L, V]
+    table = torch.randn(7, 4, generator=gen, dtype=torch.float64)  # [V, D]
+    weights = logits.softmax(-1) ** (1 / tau)  # [B, L, V]
+    want = weights / weights.sum(-1, keepdim=True) @ table  # [B, L, D]
+    got = boe.reveal_embeddings(logits, table, boe.SamplerConfig(reveal="soft", tau=tau))
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rho, kept", [(0.1, 2), (0.5, 9), (0.95, 17)])  # ceil(rho * 18); at 0.95 all 17 left
+def test_surrogate_probes_are_the_ceil_rho_L_highest_entropy_masked_non_candidates(rho, kept):
+    seq_len = 18
+    logits = torch.zeros(1, seq_len, 5)  # [1, L, V]
+    logits[0, :, 0] = torch.linspace(8.0, 0.0, seq_len)  # entropy rises with the position
+    masked = torch.ones(1, seq_len, dtype=torch.bool)  # [1, L]
+    candidates = torch.zeros(1, seq_len, dtype=torch.bool)  # [1, L]
+    candidates[0, -1] = True  # the highest in entropy is a candidate, so no probe
+    probes = boe.surrogate_probes(logits, masked, candidates, dataclasses.replace(boe.PAPER_BOE, rho=rho))
+    want = torch.zeros(seq_len, dtype=torch.bool)  # [L]
+    want[seq_len - 1 - kept : seq_len - 1] = True
+    assert torch.equal(probes[0], want)
+
+
 @pytest.mark.parametrize("bound", [0.0, 0.05, 0.3, 1.0, 5.0, math.inf])
 def test_entropy_bound_count_is_the_longest_prefix_a_brute_force_accepts(bound):
     gen = torch.Generator().manual_seed(7)
@@ -632,6 +680,17 @@ def test_threshold_reveals_every_position_at_least_tau_else_the_most_confident()
     prompts = torch.full((1, 6), model.mask_id)  # [1, L]
     _, record = boe.generate(model, prompts, 6, "threshold", boe.SamplerConfig(confidence_threshold=0.9))
     assert record["reveal_step"][0].tolist() == [0, 3, 0, 2, 0, 1]  # three at once, then one a step by confidence
+
+
+def test_threshold_reveals_a_confidence_equal_to_tau():
+    # "At least tau": with tau = 1 (allowed) the certain positions go at once, not one a step.
+    logits = torch.tensor([[0.0, -1e9, -1e9], [0.0, 0.0, -1e9], [-1e9, 0.0, -1e9], [0.0, 0.0, -1e9]])  # [L, 3]
+    model = FixedPredictions(logits)  # confidences exactly 1, 1/2, 1, 1/2
+    prompts = torch.full((1, 4), model.mask_id)  # [1, L]
+    _, record = boe.generate(model, prompts, 4, "threshold", boe.SamplerConfig(confidence_threshold=1.0))
+    assert record["reveal_step"][0].tolist() == [0, 1, 0, 2]
+    _, record = boe.generate(model, prompts, 4, "threshold", boe.SamplerConfig(confidence_threshold=0.5))
+    assert record["reveal_step"][0].tolist() == [0, 0, 0, 0]
 
 
 def test_adaptive_boe_is_entropy_bound_wherever_it_does_not_pick():

@@ -410,3 +410,153 @@ def test_an_output_path_is_checked_itself_and_an_existing_file_is_left_as_it_is(
     experiments.check_writable(str(kept))
     experiments.check_writable(str(tmp_path / "new.json"))
     assert kept.read_text() == "keep" and not (tmp_path / "new.json").exists()
+
+
+# The pieces behind the tables, each against what it is defined to compute
+
+
+def tiny_step(budget):
+    """A Step of two fully masked built-in prompts on a tiny random model, with the given budgets [2]."""
+    torch.manual_seed(0)
+    model = boe.MaskedDiffusionTransformer(boe.ModelConfig(n_layer=1, d_model=16)).eval()
+    prompts, _ = boe.make_instances(2, 0)
+    with torch.no_grad():
+        _, probs = boe.predict(model, prompts)
+    masked = prompts == boe.MASK
+    return boe.Step(model, prompts, masked, probs, torch.tensor(budget), 1.0, boe.SamplerConfig(), [],
+                    torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("own_entropy", [True, False])
+def test_lookahead_costs_are_own_entropy_plus_entropy_left_and_charge_one_forward_each(own_entropy):
+    s = tiny_step([1, 1])
+    positions = torch.arange(boe.PROMPT_LEN, boe.SEQ_LEN).expand(2, -1).contiguous()  # [2, 9] every masked one
+    valid = torch.ones_like(positions, dtype=torch.bool)
+    valid[1, 4:] = False  # row 1 searches 4 candidates only
+    costs = experiments.lookahead_costs(s, positions, valid, own_entropy=own_entropy)
+    own = boe.entropy(s.probs)
+    for b in range(2):
+        for k in range(positions.shape[1]):
+            if not valid[b, k]:
+                assert costs[b, k] == math.inf
+                continue
+            i = int(positions[b, k])
+            trial = s.tokens[b:b + 1].clone()
+            trial[0, i] = s.probs[b, i].argmax()
+            with torch.no_grad():
+                after = boe.entropy(boe.predict(s.model, trial)[1])[0]
+            others = s.masked[b].clone()
+            others[i] = False
+            want = float((after * others).sum()) + (float(own[b, i]) if own_entropy else 0.0)
+            assert float(costs[b, k]) == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert s.forwards.tolist() == [9, 4]
+
+
+def test_lookahead_searches_at_least_the_budget_and_nothing_where_the_row_reveals_all_it_has():
+    s = tiny_step([3, 9])  # row 0: budget 3 of 9 masked; row 1: reveals all 9 it has left
+    scores = experiments.lookahead(k=1)(s)
+    assert s.forwards.tolist() == [3, 0], "k=1 < budget 3 searches 3 candidates; a row revealing all searches none"
+    assert scores.shape == (2, boe.SEQ_LEN)
+
+
+def test_pooled_interval_counts_at_most_every_decoding():
+    # Models that disagree everywhere (more spread than independent): n_eff is capped at M N.
+    opposite = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1]], dtype=torch.bool)
+    assert experiments.pooled_interval(opposite) == pytest.approx(experiments.wilson_interval(4, 8))
+    anti = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)  # m = 2/3,2/3,2/3,1/3
+    assert experiments.pooled_interval(anti) == pytest.approx(experiments.wilson_interval(7, 12))
+
+
+def test_pooled_averages_each_number_over_the_models():
+    rows = [dict(rule="r", setting="s", accuracy=a, forwards=f, backwards=b, fwd_equiv=e, solved=sv)
+            for a, f, b, e, sv in ((0.5, 2.0, 1.0, 4.0, "1100"), (0.25, 4.0, 0.0, 4.0, "1000"))]
+    row = experiments.pooled(rows)
+    assert (row["accuracy"], row["low"], row["high"]) == (0.375, 0.25, 0.5)
+    assert (row["forwards"], row["backwards"], row["fwd_equiv"]) == (3.0, 0.5, 4.0)
+    assert row["ci95"] == experiments.pooled_interval(torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool))
+
+
+def test_evaluate_interval_is_wilson_of_the_solved_count(monkeypatch):
+    record = dict(forwards=torch.tensor([3, 5, 1]), backwards=torch.tensor([0, 0, 0]), wall_s=0.0)
+    monkeypatch.setattr(boe, "generate", lambda *a, **k: (torch.zeros(3, 18, dtype=torch.long), record))
+    row = experiments.evaluate(None, torch.zeros(3, 18, dtype=torch.long), "r", "s", "boe", 3, boe.SamplerConfig(),
+                               solved_fn=lambda tokens: torch.tensor([True, False, False]))
+    assert row["ci95"] == experiments.wilson_interval(1, 3)
+
+
+@pytest.mark.parametrize("name, holes", [("marks", 9), ("sudoku", 10), ("countdown", 5), ("latin", 12)])
+def test_answer_length_is_the_most_masked_positions_of_a_prompt(name, holes):
+    task = tasks.ALL_TASKS[name]
+    prompts, _ = task.make_instances(20, 1)
+    assert experiments.answer_length(prompts, task) == holes
+
+
+def test_adaptive_rows_sweep_their_knob():
+    rows = experiments.rule_rows([2, 3], 9)
+    adaptive = [(label, setting, steps, cfg) for label, setting, _, steps, cfg in rows
+                if label in ("entropy-bound", "threshold", "boe-adaptive")]
+    assert len(adaptive) == 2 * len(experiments.ENTROPY_BOUNDS) + len(experiments.THRESHOLDS)
+    for label, setting, steps, cfg in adaptive:
+        knob, value = setting.split()
+        assert steps == 9
+        assert (cfg.entropy_bound if knob == "gamma" else cfg.confidence_threshold) == float(value)
+
+
+def test_sudoku_checker_rejects_a_latin_square_that_breaks_a_box():
+    square = tasks.SQUARES[~tasks.sudoku_valid(tasks.SQUARES)][:1]  # [1, 16] rows and columns fine, a box not
+    empty = torch.full_like(square, tasks.SUDOKU_MASK)
+    assert not tasks.SUDOKU.check(empty, square)[0]
+    assert tasks.LATIN.check(empty, square)[0]
+
+
+def test_countdown_evaluates_left_to_right():
+    # tokens are value - 1: 5 - 2 + 1 is (5 - 2) + 1 = 4, not 5 - (2 + 1) = 2; 5 - 2 - 1 is 2, not 4
+    assert tasks.countdown_value(4, tasks.CD_MINUS, 1, tasks.CD_PLUS, 0) == 4
+    assert tasks.countdown_value(4, tasks.CD_MINUS, 1, tasks.CD_MINUS, 0) == 2
+    prompt = torch.tensor([[4, 1, 0, tasks.CD_EQUALS, tasks.CD_TARGET0 + 4] + [tasks.CD_MASK] * 5])
+    answer = prompt.clone()
+    answer[0, 5:] = torch.tensor([4, tasks.CD_MINUS, 1, tasks.CD_PLUS, 0])
+    assert tasks.countdown_check(prompt, answer)[0]
+
+
+def test_countdown_uses_each_number_once_with_repeats():
+    # numbers 2 2 5, target 8: 5 + 5 - 2 reaches it, but uses 5 twice and 2 once
+    prompt = torch.tensor([[1, 1, 4, tasks.CD_EQUALS, tasks.CD_TARGET0 + 8] + [tasks.CD_MASK] * 5])
+    answer = prompt.clone()
+    answer[0, 5:] = torch.tensor([4, tasks.CD_PLUS, 4, tasks.CD_MINUS, 1])
+    assert not tasks.countdown_check(prompt, answer)[0]
+
+
+def test_the_held_out_split_is_the_one_the_shipped_weights_were_trained_without():
+    # The shipped weights load whatever the split, so a changed split would quietly put evaluation grids or
+    # prompts into the training of the models the tables measure: pin fingerprints of the splits they had.
+    assert tasks.HELD_OUT.tolist()[:6] == [33, 56, 86, 174, 189, 187] and sum(tasks.HELD_OUT.tolist()) == 10198
+    assert len(tasks.CD_HELD_OUT_KEYS) == 116 and len(tasks.CD_TUNING_KEYS) == 58
+
+
+def test_pick_study_counts_a_wrong_pick_only_at_a_completable_state(monkeypatch, capsys):
+    prompt, _ = boe.make_instances(1, seed=1)
+    blocked = int((prompt[0, : boe.N_CELLS] == boe.BLOCKED).nonzero()[0])  # a cell that can never be marked
+    alive = prompt.clone()  # nothing revealed: completable
+    dead = prompt.clone()
+    dead[0, boe.PROMPT_LEN + blocked] = boe.MARKED  # already impossible
+    tokens = torch.cat([alive, dead])  # [2, L]
+    masked = tokens == boe.MASK
+    logits = torch.zeros(2, boe.SEQ_LEN, boe.MASK + 1)
+    logits[:, :, boe.MARKED] = 5.0  # every position's argmax: '*'
+    pick = boe.PROMPT_LEN + blocked  # row 0 marks the blocked cell: a wrong pick; row 1 picks the same, dead anyway
+    scores = torch.zeros(2, boe.SEQ_LEN)
+    scores[0, pick] = math.inf
+    scores[1, boe.PROMPT_LEN + (blocked + 1) % boe.N_CELLS] = math.inf
+    monkeypatch.setattr(boe, "boe_step", lambda *a, **k: (logits, scores, None, None))
+    monkeypatch.setattr(tasks, "ALL_TASKS", {"marks": tasks.MARKS})
+    monkeypatch.setattr(experiments, "suite_model", lambda task, seed: None)
+
+    def fake_generate(model, prompts, steps, order, *args, **kwargs):
+        if order == "boe-adaptive":
+            boe.boe_step(tokens, masked)
+    monkeypatch.setattr(boe, "generate", fake_generate)
+    experiments.pick_study(1)
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("marks") and "boe-adaptive" in l)
+    picks, wrong = line.split()[2:4]
+    assert (picks, wrong) == ("1", "1.000"), line

@@ -822,11 +822,18 @@ def main():
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--train-steps", type=int, default=TrainConfig.steps, help="training steps "
                         "(weights made with other settings are retrained)")
-    parser.add_argument("--cache", default=TrainConfig.cache, help="trained weights file")
+    parser.add_argument("--train-seed", type=int, default=TrainConfig.seed, help="seed of the weights and the "
+                        "training data; 0, 1 and 2 are shipped (the suite's three models)")
+    parser.add_argument("--cache", help="trained weights file (default: weights/marks-seedN.pt, N = --train-seed)")
     parser.add_argument("--retrain", action="store_true", help="train even if the weights file is valid")
     args = parser.parse_args()
     if args.instances < 1 or min(args.steps) < 1 or args.train_steps < 1:
         parser.error("--instances, --steps and --train-steps must be >= 1")
+    # Training draws its data from the negative seeds -(seed * 10**6 + step), apart from every seed of instances
+    # (tuning 0, evaluation 1); a negative training seed would make them positive.
+    if args.train_seed < 0:
+        parser.error("--train-seed must be >= 0")
+    cache = args.cache or os.path.join(os.path.dirname(TrainConfig.cache), f"marks-seed{args.train_seed}.pt")
     if not 0 <= args.temperature < math.inf or 0 < args.temperature < torch.finfo(torch.float32).tiny:
         parser.error(f"--temperature must be 0 or from {torch.finfo(torch.float32).tiny:.3g} on, and finite; "
                      f"got {args.temperature}")
@@ -835,7 +842,8 @@ def main():
     try:  # a --json or --cache that cannot be written is an error now, not after the run
         if args.json:
             experiments.check_writable(args.json)
-        model = experiments.load_or_train(ModelConfig(), TrainConfig(steps=args.train_steps, cache=args.cache),
+        model = experiments.load_or_train(ModelConfig(), TrainConfig(steps=args.train_steps, seed=args.train_seed,
+                                                                     cache=cache),
                                           retrain=args.retrain)
     except OSError as err:
         parser.error(str(err))

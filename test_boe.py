@@ -996,16 +996,19 @@ def test_main_job_fails_before_training_where_its_outputs_cannot_be_written(tmp_
 @pytest.mark.parametrize("bad, message", [(["--temperature", "-1"], "--temperature must be"),
                                           (["--temperature", "inf"], "--temperature must be"),
                                           (["--temperature", "1e-45"], "--temperature must be"),
-                                          (["--steps", "0"], "must be >= 1")])
+                                          (["--steps", "0"], "must be >= 1"),
+                                          (["--train-seed", "-1"], "--train-seed must be >= 0")])
 def test_main_job_rejects_bad_options_before_training(tmp_path, monkeypatch, capsys, bad, message):
     assert message in refusal(monkeypatch, capsys, "--cache", str(tmp_path / "m.pt"), *bad)
 
 
 def test_main_job_and_experiments_find_the_shipped_weights_from_any_folder(tmp_path):
-    # Run from another folder, both find weights/ next to the code instead of training anew there.
+    # Run from another folder, both find weights/ next to the code instead of training anew there; the main
+    # job's weights file follows --train-seed (the suite's seed-2 model of the built-in task is shipped).
     here = os.path.dirname(os.path.abspath(__file__))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs them: quicker
-    for cmd in (["boe.py", "--instances", "2", "--steps", "2"], ["experiments.py", "show", "0", "--steps", "2"]):
+    for cmd in (["boe.py", "--instances", "2", "--steps", "2"], ["boe.py", "--instances", "2", "--steps", "2",
+                "--train-seed", "2"], ["experiments.py", "show", "0", "--steps", "2"]):
         result = subprocess.run([sys.executable, os.path.join(here, cmd[0]), *cmd[1:]], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0 and "train step" not in result.stdout, result.stderr

@@ -7,12 +7,10 @@ most confident about; BoE reveals the positions whose reveal most lowers the unc
 has left, estimated for every candidate at once from one backward pass: the Token Influence Score
 (TIS). ActiveQueryAttention (attn_kernel.py) keeps that backward cheap.
 
-Read top to bottom: 1. a tiny bidirectional transformer that also takes soft input embeddings;
-2. a built-in task on which the order of reveals matters, and training; 3. one decoding loop and its
-order rules, the adaptive ones (the entropy bound, the confidence threshold) also deciding how many a
-step reveals; 4. the TIS derivation and `boe_step`, one BoE step for any MDM, then the input checks;
-5. the main job. Choices the paper leaves open are marked [ours] with the reason. The measurement
-behind the README (task suite, grid search, ablations, plots) is in experiments.py.
+Read top to bottom: 1. a tiny bidirectional transformer; 2. a task on which the order of reveals
+matters, and training; 3. one decoding loop and its order rules; 4. the TIS derivation and `boe_step`,
+one BoE step for any MDM, then the input checks; 5. the main job. [ours] marks a choice the paper leaves
+open, with the reason; the measurements behind the README are in experiments.py.
 """
 import argparse
 import math
@@ -42,9 +40,8 @@ class ModelConfig:
     d_model: int = 64     # width of the residual stream
 
 
-# Which ActiveQueryAttention implementation runs when `active` is given: "auto" takes the Triton kernels
-# for CUDA tensors (and for CPU tensors when Triton's interpreter is on, TRITON_INTERPRET=1, as under
-# pytest) and the pure-PyTorch path otherwise; "triton" or "torch" forces one (attn_kernel.py).
+# The ActiveQueryAttention backend (attn_kernel.py): "auto" = Triton for CUDA tensors (and on CPU under
+# TRITON_INTERPRET=1, as in pytest), else pure PyTorch; "triton" or "torch" forces one.
 ATTENTION_BACKEND = "auto"
 
 
@@ -79,10 +76,8 @@ class Block(nn.Module):
 
 
 class MaskedDiffusionTransformer(nn.Module):
-    """p_theta(x_0[i] | x_t) for every position i at once: a bidirectional transformer.
-
-    `embed` and `forward_embeds` are split so that BoE can feed input embeddings of its own choosing and
-    differentiate the output with respect to them."""
+    """p_theta(x_0[i] | x_t) for every position i at once. `embed` and `forward_embeds` are split so that
+    BoE can feed input embeddings of its own choosing and differentiate the output with respect to them."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -129,8 +124,7 @@ TOKEN_CHARS = "12345678#.-*=_"
 
 
 def make_instances(n, seed):
-    """n instances, 3 to 8 open cells each, from a seeded generator: prompts and one valid answer
-    each, [n, L] both."""
+    """n seeded instances, 3 to 8 open cells each: prompts and one valid answer each, [n, L] both."""
     gen = torch.Generator().manual_seed(seed)
     n_open = torch.randint(3, N_CELLS + 1, (n, 1), generator=gen)  # [n, 1]
     open_rank = torch.rand(n, N_CELLS, generator=gen).argsort(1).argsort(1)  # [n, N] random permutation
@@ -161,8 +155,8 @@ class TrainConfig:
     batch_size: int = 128     # sequences per step
     lr: float = 3e-3          # peak AdamW learning rate (cosine decay to 10 %)
     seed: int = 0             # seeds the weights and the training data
-    cache: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "marks-seed0.pt")  # the
-                              # shipped weights, next to this file, from whatever folder it runs
+    # the shipped weights, next to this file, from whatever folder it runs
+    cache: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "marks-seed0.pt")
 
 
 def masked_diffusion_loss(model, prompts, answers, gen):
@@ -215,9 +209,8 @@ def train(model_cfg, train_cfg, make_batch=make_instances):
 #
 # Each step: one forward at the current state x_t; an order rule scores the masked positions; each row
 # reveals its `budget` best-scoring ones and commits them for good (argmax, or a sample at a
-# temperature). On the fixed schedule budget = ceil(masked / steps_left). Adaptive rules decide how many
-# from the step's forward too, and `steps` is a cap: a step reveals at least ceil(masked / steps_left),
-# so every row is done within `steps` steps (steps >= the masked positions leaves the rule free).
+# temperature). On the fixed schedule budget = ceil(masked / steps_left). Adaptive rules raise it from the
+# step's forward, so `steps` is a cap for them (steps >= the masked positions leaves them free).
 #   entropy-bound  (EB-sampler, Ben-Hamu et al., arXiv 2505.24857) reveals the longest run of masked
 #       positions, in ascending entropy, whose entropies all but the largest sum to at most gamma
 #       (cfg.entropy_bound, nats). Tokens revealed together are drawn each from its marginal; the error
@@ -244,8 +237,7 @@ class SamplerConfig:
     reveal: str = "onehot"          # where a reveal moves e_i: "onehot" = E[argmax p]; "soft" = sum_v w(v) E[v] (paper)
     estimator: str = "norm-surprisal"  # influence from g: "tangent" (paper), "norm", "norm-surprisal",
                                     # "norm-entropy" (influence_scores; at the state the last three ignore `reveal`)
-    candidates: int = 0             # r, candidates a step (most confident first, at least the budget);
-                                    # 0 = every masked position
+    candidates: int = 0             # r, candidates a step: most confident first, at least the budget; 0 = all masked
     influential: int = 1            # reveals a step chosen by score (fixed schedule: at most budget - 1), the
                                     # rest by confidence (or the bound); 0 = the whole budget by score (paper)
     tau: float = 1.0                # sharpening temperature of the soft reveal, w ~ p ** (1 / tau)
@@ -343,8 +335,7 @@ def score_threshold(s):  # adaptive: (scores, how many); the loop's floor of 1 i
     return confidence, ((confidence >= s.cfg.confidence_threshold) & s.masked).sum(1)
 
 
-# Order rules that score positions from the step's forward. "boe" and "boe-adaptive" are two more: they
-# run the step's forward themselves (boe_step, section 4).
+# Order rules that score from the step's forward; "boe" and "boe-adaptive" run it themselves (section 4).
 ORDER_RULES = {
     "random": score_random,
     "left-to-right": score_left_to_right,
@@ -403,8 +394,7 @@ def generate(model, prompts, steps, order="boe", cfg=SamplerConfig(), seed=0):
             if isinstance(scores, tuple):  # an adaptive rule: how many, at least the schedule's floor
                 scores, wanted = scores  # [B, L], [B]
                 budget = torch.maximum(budget, wanted.to(budget))  # [B]
-        # The budget's best masked positions, whatever a rule returns (-inf or NaN included); ties go left.
-        positions, valid = top_masked(scores.float(), masked, budget)  # [B, K]
+        positions, valid = top_masked(scores.float(), masked, budget)  # [B, K] the budget's best masked positions
         reveal = torch.zeros_like(masked).scatter(1, positions, valid)  # [B, L]
         tokens = torch.where(reveal, commit(logits, cfg.temperature, generators), tokens)  # [B, L]
         reveal_step[reveal] = t
@@ -451,19 +441,17 @@ def commit(logits, temperature, generators):
 # and anti-collapse penalty (boe_scores).
 #
 # The set rule [ours]: a step commits its reveals together, each from its marginal, and the tokens that
-# most lower the others' entropy are the most tied to each other, so two of them revealed together can
-# disagree. BoE picks one reveal by score; the rest of the step goes to the most confident positions
-# (fixed schedule: nearly determined, so safe alongside) or to the entropy bound (adaptive). Adaptive, BoE
-# picks only where the bound is stuck, admitting one token because nothing is near-certain, as a
-# constraint solver branches only when propagation stalls: revealing near-certain tokens first costs at
-# most gamma and may settle the uncertain ones where the uncertainty is the model's own, and an earlier
-# pick would be a guess that waiting avoids. A stuck step reveals one uncertain token anyway (alone, it
-# makes no dependence error), and the one that most lowers the entropy left should let later steps
-# reveal the most: fewer forwards are all a pick can buy. So the backward runs only where the step's
-# forward says a pick can change the step and, adaptive, pay for itself (boe_influence); elsewhere the
-# graph is dropped and nothing is charged. With sparse_backward (the paper's ActiveQueryAttention,
-# attn_kernel.py) attention passes gradient only through the active rows' outputs, the probes and
-# candidates: exact in the last layer, an approximation below, for an O(|A| L d) backward.
+# most lower the others' entropy are the most tied to each other, so two revealed together can disagree.
+# BoE picks one reveal by score; the rest of the step goes to the most confident positions (fixed
+# schedule: nearly determined, so safe alongside) or to the entropy bound (adaptive). Adaptive, BoE picks
+# only where the bound is stuck, admitting one token because nothing is near-certain, as a constraint
+# solver branches only when propagation stalls: near-certain reveals cost at most gamma and may settle
+# the uncertain tokens where the uncertainty is the model's own; an earlier pick would be a guess that
+# waiting avoids. A stuck step reveals one uncertain token anyway (alone, it makes no dependence error),
+# and the one that most lowers the entropy left should let later steps reveal the most: fewer forwards
+# are all a pick can buy. So the backward runs only where the step's forward says a pick can change the
+# step and, adaptive, pay for itself (boe_influence). With sparse_backward only the active rows (probes and
+# candidates) pass gradient (the paper's ActiveQueryAttention): exact in the last layer, approximate below.
 
 def call_logits_fn(logits_fn, embeds, active=None, vocab=None):
     """logits_fn(embeds), or logits_fn(embeds, active=active); a clear error where it returns no logits
@@ -512,9 +500,8 @@ def probe_entropy_gradient(logits, embeds, probes, mask_id=None):
 
 
 def entropy_gradient(logits_fn, embeds, probes, mask_id=None, active=None):
-    """One forward and one backward: the logits at `embeds` [B, L, D] (detached) and g = dH/d embeds.
-    logits_fn(e) -> [B, L, V] is called as logits_fn(e, active=active) when `active` (bool [B, L]) is
-    given, so that the model can run the sparse adjoint."""
+    """One forward and one backward: the logits at `embeds` [B, L, D] (detached) and g = dH/d embeds;
+    `active` (bool [B, L]), where given, goes to logits_fn for the sparse backward (call_logits_fn)."""
     with torch.enable_grad():
         embeds = embeds.detach().requires_grad_(True)  # [B, L, D]
         logits = call_logits_fn(logits_fn, embeds, active)  # [B, L, V]
@@ -553,11 +540,9 @@ def boe_step(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, progres
     masked     : bool [B, L] positions still [MASK]: their entropy is the cost
     budget     : [B] reveals this step; with adaptive=True the least the step reveals
     embedding  : [V, D] the input embedding table (a Hugging Face model's get_input_embeddings().weight)
-    logits_fn  : embeds [B, L, D] -> logits [B, L, V]; with cfg.sparse_backward also called as
-                 logits_fn(e, active=rows)
+    logits_fn  : embeds [B, L, D] -> logits [B, L, V]; with cfg.sparse_backward also logits_fn(e, active=rows)
     mask_id    : id of [MASK]
-    cfg        : SamplerConfig, BoE's knobs; cfg.entropy_bound says how many when adaptive, and on the fixed
-                 schedule rules out a pick where the bound would reveal every revealable position
+    cfg        : SamplerConfig, BoE's knobs
     progress   : steps left / steps: 1 at the first step, 1 / T at the last; scales the penalty floor
     revealable : bool [B, L] positions that may be revealed now (the current block of a block-wise
                  decoder); default every masked position
@@ -565,8 +550,7 @@ def boe_step(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, progres
     returns    : logits [B, L, V] at x_t, float32 with [MASK] at -inf: the prediction to commit from;
                  scores [B, L]: reveal the `budget` best, -inf where a position may not be revealed;
                  budget [B]: the reveals to make (the input, raised by the entropy bound when adaptive);
-                 charged, bool [B]: rows for which BoE's extra passes ran (a backward at the state; a
-                 second forward and a backward at the surrogate)
+                 charged, bool [B]: rows whose BoE passes ran (a backward; at the surrogate also a forward)
     The set rule and when the backward runs: section 4's header. To paste it elsewhere, take section 4
     with `entropy`, `top_masked`, `entropy_bound_count`, SamplerConfig and the input checks."""
     check_sampler_config(cfg)
@@ -584,9 +568,8 @@ def boe_step(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, progres
 
 
 def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, revealable=None, adaptive=False):
-    """The passes of boe_step: logits [B, L, V] (float32, [MASK] at -inf), the step's budget [B], the
-    candidates (bool [B, L]), how many reveals BoE picks per row [B], their influence ([B, L], 0 off the
-    candidates) and the charged rows (bool [B])."""
+    """The passes of boe_step: logits (as boe_step returns them), budget [B], candidates (bool [B, L]),
+    picks per row [B], influence ([B, L], 0 off the candidates) and charged rows (bool [B])."""
     revealable = masked if revealable is None else masked & revealable  # [B, L]
     n_open = revealable.sum(1)  # [B]
 
@@ -631,7 +614,7 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
     if cfg.candidates == 0:  # every revealable position is a candidate [ours]
         candidates = revealable  # [B, L]
     else:  # the paper's prefilter: the r most confident, at least the budget, so every reveal has a score
-        count = torch.maximum(torch.full_like(budget, cfg.candidates), budget)  # [B]
+        count = budget.clamp_min(cfg.candidates)  # [B]
         positions, valid = top_masked(probs.max(-1).values, revealable, count)  # [B, K]
         candidates = torch.zeros_like(masked).scatter(1, positions, valid)  # [B, L]
     influence = torch.zeros(tokens.shape, device=tokens.device)  # [B, L]
@@ -804,9 +787,6 @@ def check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, re
 
 # -----------------------------------------------------------------------------
 # 5. Main: every rule on the built-in task, accuracy against compute
-#
-# The table's code (the rules and their settings, compute in forward-equivalents, the frontier) is
-# measurement, not the method, so it lives in experiments.py with the rest of the README's tables.
 
 
 def main():
@@ -829,8 +809,7 @@ def main():
     args = parser.parse_args()
     if args.instances < 1 or min(args.steps) < 1 or args.train_steps < 1:
         parser.error("--instances, --steps and --train-steps must be >= 1")
-    # Training draws its data from the negative seeds -(seed * 10**6 + step), apart from every seed of instances
-    # (tuning 0, evaluation 1); a negative training seed would make them positive.
+    # train() draws its data from the seeds -(seed * 10**6 + step), apart from the instances' seeds (>= 0)
     if args.train_seed < 0:
         parser.error("--train-seed must be >= 0")
     cache = args.cache or os.path.join(os.path.dirname(TrainConfig.cache), f"marks-seed{args.train_seed}.pt")
@@ -842,9 +821,8 @@ def main():
     try:  # a --json or --cache that cannot be written is an error now, not after the run
         if args.json:
             experiments.check_writable(args.json)
-        model = experiments.load_or_train(ModelConfig(), TrainConfig(steps=args.train_steps, seed=args.train_seed,
-                                                                     cache=cache),
-                                          retrain=args.retrain)
+        train_cfg = TrainConfig(steps=args.train_steps, seed=args.train_seed, cache=cache)
+        model = experiments.load_or_train(ModelConfig(), train_cfg, retrain=args.retrain)
     except OSError as err:
         parser.error(str(err))
     prompts, _ = make_instances(args.instances, args.eval_seed)

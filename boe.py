@@ -453,27 +453,6 @@ def commit(logits, temperature, generators):
 # step and, adaptive, pay for itself (boe_influence). With sparse_backward only the active rows (probes and
 # candidates) pass gradient (the paper's ActiveQueryAttention): exact in the last layer, approximate below.
 
-def call_logits_fn(logits_fn, embeds, active=None, vocab=None):
-    """logits_fn(embeds), or logits_fn(embeds, active=active); a clear error where it returns no logits
-    [B, L, V] (with V = vocab where given)."""
-    try:
-        logits = logits_fn(embeds) if active is None else logits_fn(embeds, active=active)  # [B, L, V]
-    except TypeError as err:
-        if active is not None and "active" in str(err):
-            raise TypeError("logits_fn must take an `active` keyword (bool [B, L]: the rows the backward "
-                            "follows; see attn_kernel.sdpa_active_rows), or set sparse_backward=False") from err
-        raise
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != embeds.shape[:2] \
-            or not logits.dtype.is_floating_point:
-        raise TypeError(f"logits_fn must return float logits [B, L, V] with B, L = {tuple(embeds.shape[:2])}; got "
-                        f"{type(logits).__name__} {tuple(getattr(logits, 'shape', ()))} (for a Hugging Face "
-                        f"model return model(...).logits)")
-    if vocab is not None and logits.shape[-1] != vocab:  # a reveal is the embedding row of its logits' argmax
-        raise TypeError(f"logits_fn must return one logit per row of the embedding table (V = {vocab}); got "
-                        f"{logits.shape[-1]}")
-    return logits
-
-
 def probe_entropy_gradient(logits, embeds, probes, mask_id=None):
     """g = dH/d embeds [B, L, D] (float32 or wider), H = the summed entropy at the probes (bool [B, L]),
     for `logits` [B, L, V] computed from `embeds` with gradient tracking; the [MASK] column is removed
@@ -694,6 +673,27 @@ def check_logits(logits, source):
     if not logits.amax(-1).isfinite().all():  # amax is NaN where any logit is
         raise ValueError(f"{source} returned NaN or +inf logits, or -inf for every token but [MASK] (nothing to "
                          f"commit)")
+
+
+def call_logits_fn(logits_fn, embeds, active=None, vocab=None):
+    """logits_fn(embeds), or logits_fn(embeds, active=active); a clear error where it returns no logits
+    [B, L, V] (with V = vocab where given)."""
+    try:
+        logits = logits_fn(embeds) if active is None else logits_fn(embeds, active=active)  # [B, L, V]
+    except TypeError as err:
+        if active is not None and "active" in str(err):
+            raise TypeError("logits_fn must take an `active` keyword (bool [B, L]: the rows the backward "
+                            "follows; see attn_kernel.sdpa_active_rows), or set sparse_backward=False") from err
+        raise
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != embeds.shape[:2] \
+            or not logits.dtype.is_floating_point:
+        raise TypeError(f"logits_fn must return float logits [B, L, V] with B, L = {tuple(embeds.shape[:2])}; got "
+                        f"{type(logits).__name__} {tuple(getattr(logits, 'shape', ()))} (for a Hugging Face "
+                        f"model return model(...).logits)")
+    if vocab is not None and logits.shape[-1] != vocab:  # a reveal is the embedding row of its logits' argmax
+        raise TypeError(f"logits_fn must return one logit per row of the embedding table (V = {vocab}); got "
+                        f"{logits.shape[-1]}")
+    return logits
 
 
 def check_generate_args(model, prompts, steps, order, cfg):

@@ -800,11 +800,12 @@ def main():
     parser.add_argument("--temperature", type=float, default=0.0, help="every rule commits a sample from "
                         "p ** (1 / T); 0 = the argmax (the README's tables)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
-    parser.add_argument("--train-steps", type=int, default=TrainConfig.steps, help="training steps "
-                        "(weights made with other settings are retrained)")
+    parser.add_argument("--train-steps", type=int, default=TrainConfig.steps, help="training steps (a weights "
+                        "file made with other settings is retrained)")
     parser.add_argument("--train-seed", type=int, default=TrainConfig.seed, help="seed of the weights and the "
                         "training data; 0, 1 and 2 are shipped (the suite's three models)")
-    parser.add_argument("--cache", help="trained weights file (default: weights/marks-seedN.pt, N = --train-seed)")
+    parser.add_argument("--cache", help="trained weights file (default: weights/marks-seedN.pt, N = --train-seed; "
+                        "weights/marks-seedN-stepsS.pt for other --train-steps S)")
     parser.add_argument("--retrain", action="store_true", help="train even if the weights file is valid")
     args = parser.parse_args()
     if args.instances < 1 or min(args.steps) < 1 or args.train_steps < 1:
@@ -812,7 +813,9 @@ def main():
     # train() draws its data from the seeds -(seed * 10**6 + step), apart from the instances' seeds (>= 0)
     if args.train_seed < 0:
         parser.error("--train-seed must be >= 0")
-    cache = args.cache or os.path.join(os.path.dirname(TrainConfig.cache), f"marks-seed{args.train_seed}.pt")
+    # Other training steps get a file of their own, so that an experiment never overwrites the shipped weights
+    steps_tag = "" if args.train_steps == TrainConfig.steps else f"-steps{args.train_steps}"
+    cache = args.cache or os.path.join(os.path.dirname(TrainConfig.cache), f"marks-seed{args.train_seed}{steps_tag}.pt")
     if not 0 <= args.temperature < math.inf or 0 < args.temperature < torch.finfo(torch.float32).tiny:
         parser.error(f"--temperature must be 0 or from {torch.finfo(torch.float32).tiny:.3g} on, and finite; "
                      f"got {args.temperature}")

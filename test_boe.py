@@ -1002,6 +1002,16 @@ def test_main_job_rejects_bad_options_before_training(tmp_path, monkeypatch, cap
     assert message in refusal(monkeypatch, capsys, "--cache", str(tmp_path / "m.pt"), *bad)
 
 
+def test_main_job_trains_other_settings_into_a_file_of_their_own(tmp_path, monkeypatch, capsys):
+    # --train-steps other than the default must not overwrite the shipped weights of that seed.
+    shipped = tmp_path / "marks-seed0.pt"
+    monkeypatch.setattr(boe.TrainConfig, "cache", str(shipped))
+    monkeypatch.setattr(sys, "argv", ["boe.py", "--train-steps", "20", "--instances", "2", "--steps", "2"])
+    boe.main()
+    assert "train step" in capsys.readouterr().out
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["marks-seed0-steps20.pt"]
+
+
 def test_main_job_and_experiments_find_the_shipped_weights_from_any_folder(tmp_path):
     # Run from another folder, both find weights/ next to the code instead of training anew there; the main
     # job's weights file follows --train-seed (the suite's seed-2 model of the built-in task is shipped).

@@ -810,9 +810,10 @@ def main():
     args = parser.parse_args()
     if args.instances < 1 or min(args.steps) < 1 or args.train_steps < 1:
         parser.error("--instances, --steps and --train-steps must be >= 1")
-    # train() draws its data from the seeds -(seed * 10**6 + step), apart from the instances' seeds (>= 0)
-    if args.train_seed < 0:
-        parser.error("--train-seed must be >= 0")
+    # train() draws its data from the seeds -(seed * 10**6 + step): apart from the instances' seeds (>= 0), and
+    # within a generator seed's range (int64) below 10**12
+    if not 0 <= args.train_seed < 10**12:
+        parser.error(f"--train-seed must be in [0, 10**12); got {args.train_seed}")
     # Other training steps get a file of their own, so that an experiment never overwrites the shipped weights
     steps_tag = "" if args.train_steps == TrainConfig.steps else f"-steps{args.train_steps}"
     cache = args.cache or os.path.join(os.path.dirname(TrainConfig.cache), f"marks-seed{args.train_seed}{steps_tag}.pt")

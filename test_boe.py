@@ -997,7 +997,8 @@ def test_main_job_fails_before_training_where_its_outputs_cannot_be_written(tmp_
                                           (["--temperature", "inf"], "--temperature must be"),
                                           (["--temperature", "1e-45"], "--temperature must be"),
                                           (["--steps", "0"], "must be >= 1"),
-                                          (["--train-seed", "-1"], "--train-seed must be >= 0")])
+                                          (["--train-seed", "-1"], "--train-seed must be in [0, 10**12)"),
+                                          (["--train-seed", str(10**13)], "--train-seed must be in [0, 10**12)")])
 def test_main_job_rejects_bad_options_before_training(tmp_path, monkeypatch, capsys, bad, message):
     assert message in refusal(monkeypatch, capsys, "--cache", str(tmp_path / "m.pt"), *bad)
 

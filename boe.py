@@ -814,6 +814,9 @@ def main():
     # within a generator seed's range (int64) below 10**12
     if not 0 <= args.train_seed < 10**12:
         parser.error(f"--train-seed must be in [0, 10**12); got {args.train_seed}")
+    if not 0 <= args.eval_seed < 2**63:
+        parser.error(f"--eval-seed must be in [0, 2**63) (negative seeds are the training data's); got "
+                     f"{args.eval_seed}")
     # Other training steps get a file of their own, so that an experiment never overwrites the shipped weights
     steps_tag = "" if args.train_steps == TrainConfig.steps else f"-steps{args.train_steps}"
     cache = args.cache or os.path.join(os.path.dirname(TrainConfig.cache), f"marks-seed{args.train_seed}{steps_tag}.pt")

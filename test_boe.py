@@ -998,7 +998,9 @@ def test_main_job_fails_before_training_where_its_outputs_cannot_be_written(tmp_
                                           (["--temperature", "1e-45"], "--temperature must be"),
                                           (["--steps", "0"], "must be >= 1"),
                                           (["--train-seed", "-1"], "--train-seed must be in [0, 10**12)"),
-                                          (["--train-seed", str(10**13)], "--train-seed must be in [0, 10**12)")])
+                                          (["--train-seed", str(10**13)], "--train-seed must be in [0, 10**12)"),
+                                          (["--eval-seed", "-5"], "--eval-seed must be in [0, 2**63)"),
+                                          (["--eval-seed", str(2**63)], "--eval-seed must be in [0, 2**63)")])
 def test_main_job_rejects_bad_options_before_training(tmp_path, monkeypatch, capsys, bad, message):
     assert message in refusal(monkeypatch, capsys, "--cache", str(tmp_path / "m.pt"), *bad)
 

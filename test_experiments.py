@@ -393,6 +393,14 @@ def test_suite_plot_without_matplotlib_fails_before_the_run(tmp_path, monkeypatc
     assert "--plot needs matplotlib" in refusal(monkeypatch, capsys, "suite", "--plot", str(tmp_path))
 
 
+@pytest.mark.parametrize("argv, message", [(["picks", "--instances", "0"], "must be >= 1"),
+                                           (["show", "-1"], "INSTANCE >= 0"),
+                                           (["fidelity", "--instances", str(10**20)], "at most 10**6"),
+                                           (["show", str(10**20)], "INSTANCE below it")])
+def test_commands_reject_instance_counts_out_of_range_before_the_run(monkeypatch, capsys, argv, message):
+    assert message in refusal(monkeypatch, capsys, *argv)
+
+
 @pytest.mark.parametrize("temperature", ["-0.5", "1e-45"])  # 1e-45 is 0 in float32, which would divide by it
 def test_suite_rejects_a_bad_temperature_before_the_run(monkeypatch, capsys, temperature):
     assert "--temperature must be" in refusal(monkeypatch, capsys, "suite", "--temperature", temperature)

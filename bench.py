@@ -724,6 +724,10 @@ def main():
     args = parser.parse_args()
     if min(args.seq_lens or [1]) < 1 or min(args.head_dims or [1]) < 1:
         parser.error("--seq-lens and --head-dims must be >= 1")
+    # Beyond this benchmark's scope, and far beyond it a torch allocation error instead of a clear one
+    if max(args.seq_lens or [1]) > 2**17 or max(args.head_dims or [1]) > 256:
+        parser.error("--seq-lens must be at most 131072 and --head-dims at most 256 (FlashAttention's largest "
+                     "head dim)")
     if args.json:  # written at the end, even of a broken run: a place that cannot be written fails now
         try:
             existed = os.path.lexists(args.json)

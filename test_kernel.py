@@ -719,7 +719,8 @@ def test_bench_compile_refuses_the_interpreter_other_head_dims_and_unknown_gpus(
 
 @pytest.mark.parametrize("args, message", [
     (["--fractions", "1/0"], "not a fraction: '1/0'"), (["--seq-lens", "0"], "must be >= 1"),
-    (["--head-dims", "-8"], "must be >= 1")])
+    (["--head-dims", "-8"], "must be >= 1"), (["--seq-lens", str(10**20)], "at most 131072"),
+    (["--head-dims", "512"], "at most 256")])
 def test_bench_refuses_bad_sizes_before_the_run(args, message, tmp_path):
     out = tmp_path / "bench.json"
     result = run_without_triton("import runpy; runpy.run_path('bench.py', run_name='__main__')",

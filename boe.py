@@ -270,7 +270,9 @@ class Step:
 
 def predict(model, tokens):
     """Logits and probabilities with [MASK] excluded: the model never proposes [MASK]."""
-    logits = model(tokens).float()  # [B, L, V]
+    logits = model(tokens)  # [B, L, V]
+    check_model_output(logits, (*tokens.shape, model.cfg.vocab_size))
+    logits = logits.float()  # [B, L, V]
     logits[..., model.mask_id] = -math.inf
     check_logits(logits, "the model")
     return logits, logits.softmax(-1)  # [B, L, V], [B, L, V]
@@ -361,8 +363,8 @@ def generate(model, prompts, steps, order="boe", cfg=SamplerConfig(), seed=0):
       backwards   [B]     backward passes spent on each row
       wall_s              seconds for the whole batch
     """
-    check_generate_args(model, prompts, steps, order, cfg)
-    steps = operator.index(steps)
+    check_generate_args(model, prompts, steps, order, cfg, seed)
+    steps, seed = operator.index(steps), operator.index(seed)
     start = time.time()
     B, L = prompts.shape
     device = prompts.device
@@ -391,6 +393,7 @@ def generate(model, prompts, steps, order="boe", cfg=SamplerConfig(), seed=0):
             rule = order if callable(order) else ORDER_RULES[order]
             scores = rule(Step(model, tokens, masked, probs, budget, steps_left / steps, cfg, generators,
                                 forwards))  # [B, L]
+            check_rule_output(scores, masked.shape)
             if isinstance(scores, tuple):  # an adaptive rule: how many, at least the schedule's floor
                 scores, wanted = scores  # [B, L], [B]
                 budget = torch.maximum(budget, wanted.to(budget))  # [B]
@@ -533,7 +536,7 @@ def boe_step(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, progres
     The set rule and when the backward runs: section 4's header. To paste it elsewhere, take section 4
     with `entropy`, `top_masked`, `entropy_bound_count`, SamplerConfig and the input checks."""
     check_sampler_config(cfg)
-    check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, revealable)
+    check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, revealable, adaptive)
     logits, budget, candidates, picks, influence, charged = boe_influence(
         tokens, masked, budget, embedding, logits_fn, mask_id, cfg, revealable, adaptive)
     probs = logits.softmax(-1)  # [B, L, V]
@@ -622,7 +625,8 @@ def reveal_embeddings(logits, embedding, cfg):
     table = embedding.detach()  # [V, D]
     table = table.to(torch.promote_types(table.dtype, torch.float32))  # [V, D]
     if cfg.reveal == "soft":  # e~ = sum_v w(v) E[v]; softmax(logits / tau) is p ** (1 / tau) renormalised
-        return (logits / cfg.tau).softmax(-1).to(table.dtype) @ table  # [B, L, D]
+        shifted = logits - logits.amax(-1, keepdim=True)  # [B, L, V] <= 0: a tiny tau cannot overflow it
+        return (shifted / cfg.tau).softmax(-1).to(table.dtype) @ table  # [B, L, D]
     return table[logits.argmax(-1)]  # [B, L, D] E[argmax p]
 
 
@@ -696,12 +700,33 @@ def call_logits_fn(logits_fn, embeds, active=None, vocab=None):
     return logits
 
 
-def check_generate_args(model, prompts, steps, order, cfg):
+def check_model_output(logits, expected):
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected or not logits.dtype.is_floating_point:
+        raise TypeError(f"the model must return float logits [B, L, V] = {expected}; got {describe(logits)}")
+
+
+def check_rule_output(out, shape):
+    """An order rule returns scores [B, L], or scores and how many to reveal, an integer tensor [B]."""
+    scores, wanted = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
+    if not isinstance(scores, torch.Tensor) or scores.shape != shape or scores.is_complex():
+        raise TypeError(f"an order rule must return scores [B, L] = {tuple(shape)}, or (scores, how many [B]); got "
+                        f"{describe(scores) if not isinstance(out, tuple) else f'a tuple of {len(out)}'}")
+    if isinstance(out, tuple) and not (is_int_tensor(wanted, 1) and wanted.shape == shape[:1]):
+        raise TypeError(f"an order rule's how-many must be an int64 or int32 tensor [B] = [{shape[0]}]; got "
+                        f"{describe(wanted)}")
+
+
+def check_generate_args(model, prompts, steps, order, cfg, seed):
     if not (hasattr(model, "cfg") and hasattr(model, "mask_id")):
         raise TypeError(f"generate decodes with a model like this file's (.cfg, .mask_id); got {type(model).__name__}. "
                         f"For another model, call boe_step in a decoding loop of your own")
     if not isinstance(prompts, torch.Tensor) or prompts.dtype != torch.long or prompts.dim() != 2:
         raise TypeError(f"prompts must be an int64 tensor [B, L]; got {describe(prompts)}")
+    if prompts.device.type == "meta":
+        raise ValueError("prompts on the meta device hold no tokens to decode")
+    mask_id, vocab = model.mask_id, model.cfg.vocab_size
+    if isinstance(mask_id, bool) or not isinstance(mask_id, numbers.Integral) or not 0 <= mask_id < vocab:
+        raise ValueError(f"the model's mask_id must be an int in [0, vocab_size = {vocab}); got {mask_id!r}")
     weight = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     if weight is not None and weight.device != prompts.device:
         raise ValueError(f"prompts are on {prompts.device} and the model on {weight.device}: put them on the same device")
@@ -715,6 +740,12 @@ def check_generate_args(model, prompts, steps, order, cfg):
         steps_ok = False
     if not steps_ok:
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+    try:  # row b's generator is seeded with seed + b
+        seed_ok = not isinstance(seed, bool) and -2**63 <= operator.index(seed) <= 2**63 - max(len(prompts), 1)
+    except TypeError:
+        seed_ok = False
+    if not seed_ok:
+        raise ValueError(f"seed must be an integer with seed + B - 1 within int64; got {seed!r}")
     if not callable(order) and order not in ORDERS:
         moved = " (the exact lookahead is experiments.lookahead(), a function)" if order == "lookahead" else ""
         raise ValueError(f"unknown order rule {order!r}; choose one of {', '.join(ORDERS)}{moved}")
@@ -733,20 +764,22 @@ def check_sampler_config(cfg):
                           ("adaptive_pick", ("stuck", "always"))):
         if getattr(cfg, name) not in options:
             raise ValueError(f"{name} must be one of {options}; got {getattr(cfg, name)!r}")
+    tiny, big = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max  # the samplers compute in float32
     for name, ok, rule in (
-            ("entropy_bound", cfg.entropy_bound >= 0, ">= 0 (nats)"),
+            ("entropy_bound", cfg.entropy_bound >= 0 and (cfg.entropy_bound <= big or cfg.entropy_bound == math.inf),
+             ">= 0 (nats), at most float32's largest or infinite"),
             ("confidence_threshold", 0 < cfg.confidence_threshold <= 1, "in (0, 1]"),
-            ("candidates", cfg.candidates >= 0, ">= 0 (0 = every masked position)"),
-            ("influential", cfg.influential >= 0, ">= 0 (0 = the whole budget by score)"),
+            ("candidates", 0 <= cfg.candidates < 2**31, "in [0, 2**31) (0 = every masked position)"),
+            ("influential", 0 <= cfg.influential < 2**31, "in [0, 2**31) (0 = the whole budget by score)"),
             ("rho", 0 < cfg.rho <= 1, "in (0, 1]"),
-            ("tau", 0 < cfg.tau < math.inf, "> 0 and finite"),
-            *((name, 0 <= getattr(cfg, name) < math.inf, ">= 0 and finite")
+            ("tau", tiny <= cfg.tau <= big, f"> 0 and finite in float32 (from {tiny:.3g} to {big:.3g})"),
+            *((name, 0 <= getattr(cfg, name) <= big, f">= 0 and finite in float32 (at most {big:.3g})")
               for name in ("temperature", "gamma", "lam", "h_max", "backward_cost"))):
         if not ok:  # NaN fails every comparison, so it lands here too
             raise ValueError(f"{name} must be {rule}; got {getattr(cfg, name)!r}")
-    if 0 < cfg.temperature < torch.finfo(torch.float32).tiny:  # float32 would round it to 0 and divide by it
-        raise ValueError(f"temperature must be 0 (the argmax) or at least {torch.finfo(torch.float32).tiny:.3g}, "
-                         f"float32's smallest normal number; got {cfg.temperature!r}")
+    if 0 < cfg.temperature < tiny:  # float32 would round it to 0 and divide by it
+        raise ValueError(f"temperature must be 0 (the argmax) or at least {tiny:.3g}, float32's smallest normal "
+                         f"number; got {cfg.temperature!r}")
     if cfg.linearize == "surrogate" and cfg.candidates == 0:
         raise ValueError("at the surrogate the probes are the masked positions that are not candidates; with "
                          "candidates=0 (every masked position) there are none and BoE never runs: set candidates "
@@ -756,9 +789,14 @@ def check_sampler_config(cfg):
                          f"probe (linearize='surrogate' to use it); got rho={cfg.rho}")
 
 
-def check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, revealable):
+def check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, revealable, adaptive):
     if not is_int_tensor(tokens, 2):
         raise TypeError(f"tokens must be an int64 or int32 tensor [B, L]; got {describe(tokens)}")
+    if tokens.shape[1] == 0 or tokens.device.type == "meta":
+        raise ValueError(f"tokens must hold at least one position, off the meta device; got {describe(tokens)} on "
+                         f"{tokens.device}")
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"adaptive must be a bool; got {adaptive!r}")
     if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2 or not embedding.dtype.is_floating_point:
         raise TypeError("embedding must be the model's input embedding table, a float tensor [V, D]")
     if embedding.device != tokens.device:
@@ -822,9 +860,9 @@ def main():
     # Other training steps get a file of their own, so that an experiment never overwrites the shipped weights
     steps_tag = "" if args.train_steps == TrainConfig.steps else f"-steps{args.train_steps}"
     cache = args.cache or os.path.join(os.path.dirname(TrainConfig.cache), f"marks-seed{args.train_seed}{steps_tag}.pt")
-    if not 0 <= args.temperature < math.inf or 0 < args.temperature < torch.finfo(torch.float32).tiny:
-        parser.error(f"--temperature must be 0 or from {torch.finfo(torch.float32).tiny:.3g} on, and finite; "
-                     f"got {args.temperature}")
+    tiny, big = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    if not 0 <= args.temperature <= big or 0 < args.temperature < tiny:
+        parser.error(f"--temperature must be 0 or from {tiny:.3g} to {big:.3g}; got {args.temperature}")
 
     import experiments  # the weights cache and the table are measurement; experiments imports this file
     try:  # a --json or --cache that cannot be written is an error now, not after the run

@@ -978,9 +978,9 @@ def main():
 
     if args.command == "suite":
         seeds, instances, steps = ((0,), 40, (2, 3)) if args.quick else (SEEDS, INSTANCES, None)
-        if not 0 <= args.temperature < math.inf or 0 < args.temperature < torch.finfo(torch.float32).tiny:
-            parser.error(f"--temperature must be 0 or from {torch.finfo(torch.float32).tiny:.3g} on, and finite; "
-                         f"got {args.temperature}")
+        tiny, big = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+        if not 0 <= args.temperature <= big or 0 < args.temperature < tiny:
+            parser.error(f"--temperature must be 0 or from {tiny:.3g} to {big:.3g}; got {args.temperature}")
         results = run_suite(args.tasks, seeds, instances, steps, args.temperature)
         print_suite(results)
         if args.json:

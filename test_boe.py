@@ -553,6 +553,16 @@ def boe_step_args(**bad):
      ValueError, "carry no graph back to the input embeddings"),
     (dict(logits_fn=lambda embeds, active=None: random_model().forward_embeds(torch.zeros_like(embeds))),
      ValueError, "the logits do not depend on the input embeddings"),
+    (dict(tokens=torch.zeros(2, 0, dtype=torch.long), masked=torch.zeros(2, 0, dtype=torch.bool)), ValueError,
+     "tokens must hold at least one position"),
+    (dict(tokens=torch.zeros(2, 18, dtype=torch.long, device="meta")), ValueError, "off the meta device"),
+    (dict(adaptive="no"), TypeError, "adaptive must be a bool"),
+    (dict(cfg=boe.SamplerConfig(candidates=2**63)), ValueError, r"candidates must be in \[0, 2\*\*31\)"),
+    (dict(cfg=boe.SamplerConfig(influential=2**63)), ValueError, r"influential must be in \[0, 2\*\*31\)"),
+    (dict(cfg=boe.SamplerConfig(lam=10**400)), ValueError, "lam must be >= 0 and finite in float32"),
+    (dict(cfg=boe.SamplerConfig(gamma=1e39)), ValueError, "gamma must be >= 0 and finite in float32"),
+    (dict(cfg=boe.SamplerConfig(entropy_bound=10**400)), ValueError, "entropy_bound must be >= 0"),
+    (dict(cfg=dataclasses.replace(boe.PAPER_BOE, tau=1e-40)), ValueError, "tau must be > 0 and finite in float32"),
 ], ids=lambda x: None)
 def test_bad_boe_step_input_gets_a_clear_error(bad, error, match):
     with pytest.raises(error, match=match):
@@ -812,6 +822,12 @@ def test_fixed_boe_equals_a_reference_that_always_runs_the_backward():
 # Bad input
 
 
+def with_attrs(model, **attrs):
+    for name, value in attrs.items():
+        setattr(model, name, value)
+    return model
+
+
 @pytest.mark.parametrize("bad, error, match", [
     (dict(prompts=torch.full((2, 19), boe.MASK)), ValueError, "more than the model's seq_len"),
     (dict(prompts=torch.full((2, 18), float(boe.MASK))), TypeError, "int64"),
@@ -856,13 +872,30 @@ def test_fixed_boe_equals_a_reference_that_always_runs_the_backward():
     (dict(cfg=boe.SamplerConfig(h_max=math.inf)), ValueError, "h_max must be >= 0 and finite"),
     (dict(cfg=boe.SamplerConfig(backward_cost=-1.0)), ValueError, "backward_cost must be >= 0"),
     (dict(cfg=boe.SamplerConfig(temperature=1e-40)), ValueError, "temperature must be 0 .* or at least 1.18e-38"),
+    (dict(order="confidence", cfg=boe.SamplerConfig(temperature=1e39)), ValueError,
+     "temperature must be >= 0 and finite in float32"),
+    (dict(seed=2**64), ValueError, "seed must be an integer"),
+    (dict(seed=2**63 - 1), ValueError, "seed must be an integer"),  # row 1's seed would be 2**63
+    (dict(seed=1.5), ValueError, "seed must be an integer"),
+    (dict(seed=None), ValueError, "seed must be an integer"),
+    (dict(seed=True), ValueError, "seed must be an integer"),
+    (dict(prompts=boe.make_instances(2, 0)[0].to("meta")), ValueError, "meta device"),
+    (dict(model=with_attrs(random_model(), mask_id=13.0)), ValueError, "mask_id must be an int"),
+    (dict(model=with_attrs(random_model(), mask_id=20)), ValueError, "mask_id must be an int"),
+    (dict(order="confidence", model=with_attrs(random_model(), forward=lambda tokens: torch.zeros(*tokens.shape, 5))),
+     TypeError, r"the model must return float logits \[B, L, V\] = \(2, 18, 14\)"),
+    (dict(order=lambda s: s.probs.max(-1).values[0]), TypeError, r"an order rule must return scores \[B, L\]"),
+    (dict(order=lambda s: None), TypeError, r"an order rule must return scores \[B, L\]"),
+    (dict(order=lambda s: (s.probs.max(-1).values, None)), TypeError, "an order rule's how-many must be"),
+    (dict(order=lambda s: (s.probs.max(-1).values, 2, 3)), TypeError, "a tuple of 3"),
 ])
 def test_bad_generate_input_gets_a_clear_error(bad, error, match):
     args = dict(model=random_model(), prompts=boe.make_instances(2, 0)[0], steps=3, order="boe",
-                cfg=boe.SamplerConfig())
+                cfg=boe.SamplerConfig(), seed=0)
     args.update(bad)
     with pytest.raises(error, match=match):
-        boe.generate(args["model"], args["prompts"], args["steps"], args["order"], args["cfg"])
+        boe.generate(args["model"], args["prompts"], args["steps"], args["order"], args["cfg"], args["seed"])
+
 
 
 @pytest.mark.parametrize("order", ["confidence", "entropy-bound", "boe", "boe-adaptive"])

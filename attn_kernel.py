@@ -465,7 +465,7 @@ def active_query_attention(q, k, v, active, scale=None, backend="auto", block_m=
                                   or block not in (16, 32, 64, 128)):
             raise ValueError(f"{name} must be a power of two from 16 to 128, got {block!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                              or not math.isfinite(scale)):
+                              or not abs(scale) <= torch.finfo(torch.float64).max):  # NaN, inf, 10**400
         raise ValueError(f"scale must be None (1 / sqrt(D)) or a finite number, got {scale!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     block_m, block_n = (None if block is None else int(block) for block in (block_m, block_n))

@@ -225,7 +225,9 @@ def check_forward(candidate, baseline, q, k, v, label):
 def check_gradients(candidate, baseline, q, k, v, dout, active, label):
     """ok if candidate's dq, dk, dv match baseline's within GRAD_TOLERANCE of their largest entry."""
     grads = [torch.autograd.grad(attn(q, k, v, active), (q, k, v), dout) for attn in (candidate, baseline)]
-    error = max(((g - w).float().abs().max() / w.float().abs().max()).item() for g, w in zip(*grads))
+    # a gradient that is 0 everywhere (dq and dk at L = 1) is matched by 0, not compared as 0 / 0
+    error = max(((g - w).float().abs().max() / w.float().abs().max().clamp_min(torch.finfo(torch.float32).tiny)).item()
+                for g, w in zip(*grads))
     ok = error <= GRAD_TOLERANCE[q.dtype]  # False on NaN
     print(f"{'check' if ok else 'WARNING'} {label} gradients: max error / max |grad| {error:.2e}"
           f"{'' if ok else ' -- this backward is wrong, its timings mean nothing'}", flush=True)

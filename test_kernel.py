@@ -6,6 +6,7 @@ hypothesis profile (HYPOTHESIS_PROFILE=gpu, the default there) also draws long s
 Without triton installed the Triton tests skip, and one test checks the module without it on any machine.
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -488,6 +489,7 @@ def _bad_call(**overrides):
     (_bad_call(block_n=256), ValueError, "block_n must be a power of two from 16 to 128"),
     (_bad_call(block_m=32.0), ValueError, "block_m must be a power of two"),
     (_bad_call(scale=math.nan, backend="torch"), ValueError, "scale must be None"),
+    (_bad_call(scale=10**400, backend="torch"), ValueError, "scale must be None"),  # a Real no float holds
     (_bad_call(scale=torch.tensor([1.0, 2.0])), ValueError, "scale must be None"),
     (_bad_call(scale="0.5", backend="torch"), ValueError, "scale must be None"),
     pytest.param(_bad_call(**{x: torch.randn(2, 2, 8, 16, device="meta") for x in "qkv"},
@@ -650,6 +652,16 @@ def test_without_triton_auto_takes_the_torch_path_and_triton_backend_says_how_to
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU bench.py runs the full benchmark; run it by hand there")
+def test_bench_gradient_check_passes_gradients_that_are_zero_everywhere():
+    # At L = 1 a row attends to itself alone: dq and dk are 0 in both implementations, which match (not 0 / 0).
+    import bench
+    q, k, v, dout = (torch.randn(1, 1, 1, 4, requires_grad=True) for _ in range(4))
+    active = torch.ones(1, 1, dtype=torch.bool)
+    torch_path = functools.partial(attn_kernel.active_query_attention, backend="torch")
+    check = bench.check_gradients(torch_path, attn_kernel.reference_attention, q, k, v, dout.detach(), active, "L=1")
+    assert check["ok"] and check["error"] < 1e-6
+
+
 def test_bench_cpu_path_runs_without_triton_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     result = run_without_triton("import runpy; runpy.run_path('bench.py', run_name='__main__')",

@@ -848,8 +848,8 @@ def main():
     args = parser.parse_args()
     if args.instances < 1 or min(args.steps) < 1 or args.train_steps < 1:
         parser.error("--instances, --steps and --train-steps must be >= 1")
-    if args.instances > 10**6:
-        parser.error(f"--instances must be at most 10**6 (the tables use 1000); got {args.instances}")
+    if args.instances > 10**4:  # every rule decodes them as one batch
+        parser.error(f"--instances must be at most 10**4 (the tables use 1000); got {args.instances}")
     # train() draws its data from the seeds -(seed * 10**6 + step): apart from the instances' seeds (>= 0), and
     # within a generator seed's range (int64) below 10**12
     if not 0 <= args.train_seed < 10**12:

@@ -724,6 +724,8 @@ def main():
     parser.add_argument("--capability", metavar="MAJOR.MINOR", help="with --compile: compile for GPUs of this "
                         "compute capability instead, e.g. 8.6 (RTX 30 series)")
     args = parser.parse_args()
+    if args.json == "":
+        parser.error("--json needs a path")
     if min(args.seq_lens or [1]) < 1 or min(args.head_dims or [1]) < 1:
         parser.error("--seq-lens and --head-dims must be >= 1")
     # Beyond this benchmark's scope, and far beyond it a torch allocation error instead of a clear one

@@ -846,6 +846,8 @@ def main():
                         "weights/marks-seedN-stepsS.pt for other --train-steps S)")
     parser.add_argument("--retrain", action="store_true", help="train even if the weights file is valid")
     args = parser.parse_args()
+    if "" in (args.json, args.cache):
+        parser.error("--json and --cache need a path")
     if args.instances < 1 or min(args.steps) < 1 or args.train_steps < 1:
         parser.error("--instances, --steps and --train-steps must be >= 1")
     if args.instances > 10**4:  # every rule decodes them as one batch

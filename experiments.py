@@ -962,6 +962,8 @@ def main():
     commands.add_parser("train", help="train every model of the suite that is missing").add_argument(
         "--retrain", action="store_true", help="train every model again, also where its weights are valid")
     args = parser.parse_args()
+    if "" in (getattr(args, "json", None), getattr(args, "plot", None)):
+        parser.error("--json and --plot need a path")
     if getattr(args, "instances", 1) < 1 or getattr(args, "instance", 0) < 0 or getattr(args, "steps", 1) < 1:
         parser.error("--instances and --steps must be >= 1, INSTANCE >= 0")
     if getattr(args, "instances", 1) > 10**4:  # each rule decodes them as one batch

@@ -1034,7 +1034,8 @@ def test_main_job_fails_before_training_where_its_outputs_cannot_be_written(tmp_
                                           (["--train-seed", str(10**13)], "--train-seed must be in [0, 10**12)"),
                                           (["--eval-seed", "-5"], "--eval-seed must be in [0, 2**63)"),
                                           (["--eval-seed", str(2**63)], "--eval-seed must be in [0, 2**63)"),
-                                          (["--instances", str(10**4 + 1)], "--instances must be at most 10**4")])
+                                          (["--instances", str(10**4 + 1)], "--instances must be at most 10**4"),
+                                          (["--json", ""], "need a path"), (["--cache", ""], "need a path")])
 def test_main_job_rejects_bad_options_before_training(tmp_path, monkeypatch, capsys, bad, message):
     assert message in refusal(monkeypatch, capsys, "--cache", str(tmp_path / "m.pt"), *bad)
 

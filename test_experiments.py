@@ -396,7 +396,9 @@ def test_suite_plot_without_matplotlib_fails_before_the_run(tmp_path, monkeypatc
 @pytest.mark.parametrize("argv, message", [(["picks", "--instances", "0"], "must be >= 1"),
                                            (["show", "-1"], "INSTANCE >= 0"),
                                            (["fidelity", "--instances", str(10**4 + 1)], "at most 10**4"),
-                                           (["show", str(10**20)], "INSTANCE must be below 10**6")])
+                                           (["show", str(10**20)], "INSTANCE must be below 10**6"),
+                                           (["suite", "--json", ""], "need a path"),
+                                           (["suite", "--plot", ""], "need a path")])
 def test_commands_reject_instance_counts_out_of_range_before_the_run(monkeypatch, capsys, argv, message):
     assert message in refusal(monkeypatch, capsys, *argv)
 

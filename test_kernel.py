@@ -747,6 +747,9 @@ def test_bench_json_that_cannot_be_written_fails_before_the_run(tmp_path):
     result = run_without_triton("import runpy; runpy.run_path('bench.py', run_name='__main__')",
                                 "--quick", "--json", str(blocker / "bench.json"))
     assert result.returncode == 2 and "cannot write" in result.stderr and not result.stdout, result.stderr
+    result = run_without_triton("import runpy; runpy.run_path('bench.py', run_name='__main__')", "--quick",
+                                "--json", "")
+    assert result.returncode == 2 and "--json needs a path" in result.stderr and not result.stdout, result.stderr
 
 
 @needs_triton

@@ -668,6 +668,13 @@ def describe(x):
     return f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}"
 
 
+def is_int_in(x, low, high):  # any integer type (int, numpy, 0-d integer tensor), not a float or a bool
+    try:
+        return not isinstance(x, bool) and low <= operator.index(x) <= high
+    except TypeError:
+        return False
+
+
 def is_int_tensor(x, dim):  # int64 or int32: what torch indexes with (uint8 would be a mask, int8 wraps)
     return isinstance(x, torch.Tensor) and x.dim() == dim and x.dtype in (torch.int64, torch.int32)
 
@@ -725,7 +732,7 @@ def check_generate_args(model, prompts, steps, order, cfg, seed):
     if prompts.device.type == "meta":
         raise ValueError("prompts on the meta device hold no tokens to decode")
     mask_id, vocab = model.mask_id, model.cfg.vocab_size
-    if isinstance(mask_id, bool) or not isinstance(mask_id, numbers.Integral) or not 0 <= mask_id < vocab:
+    if not is_int_in(mask_id, 0, vocab - 1):
         raise ValueError(f"the model's mask_id must be an int in [0, vocab_size = {vocab}); got {mask_id!r}")
     weight = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     if weight is not None and weight.device != prompts.device:
@@ -734,17 +741,9 @@ def check_generate_args(model, prompts, steps, order, cfg, seed):
         raise ValueError(f"prompts have {prompts.shape[1]} positions, more than the model's seq_len {model.cfg.seq_len}")
     if prompts.numel() and (prompts.min() < 0 or prompts.max() >= model.cfg.vocab_size):
         raise ValueError(f"prompt token ids must lie in [0, {model.cfg.vocab_size})")
-    try:  # any integer type (int, numpy, 0-d integer tensor), not a float or a bool
-        steps_ok = not isinstance(steps, bool) and operator.index(steps) >= 1
-    except TypeError:
-        steps_ok = False
-    if not steps_ok:
+    if not is_int_in(steps, 1, math.inf):
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
-    try:  # row b's generator is seeded with seed + b
-        seed_ok = not isinstance(seed, bool) and -2**63 <= operator.index(seed) <= 2**63 - max(len(prompts), 1)
-    except TypeError:
-        seed_ok = False
-    if not seed_ok:
+    if not is_int_in(seed, -2**63, 2**63 - max(len(prompts), 1)):  # row b's generator is seeded with seed + b
         raise ValueError(f"seed must be an integer with seed + B - 1 within int64; got {seed!r}")
     if not callable(order) and order not in ORDERS:
         moved = " (the exact lookahead is experiments.lookahead(), a function)" if order == "lookahead" else ""
@@ -803,7 +802,7 @@ def check_boe_step_args(tokens, masked, budget, embedding, mask_id, progress, re
         raise ValueError(f"tokens are on {tokens.device} and the embedding table on {embedding.device}: put them "
                          f"on the model's device")
     vocab = embedding.shape[0]
-    if isinstance(mask_id, bool) or not isinstance(mask_id, numbers.Integral) or not 0 <= mask_id < vocab:
+    if not is_int_in(mask_id, 0, vocab - 1):
         raise ValueError(f"mask_id must be an int in [0, V = {vocab}); got {mask_id!r}")
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab):
         raise ValueError(f"token ids must lie in [0, V = {vocab}), the rows of the embedding table")

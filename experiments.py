@@ -3,6 +3,7 @@ was measured. `python boe.py` prints its table with builtin_table below; each su
 
     python experiments.py suite [--quick] [--plot DIR]   every rule on every task, 3 trained models a task
                               [--temperature T]          (with every commit sampled at T)
+                              [--seeds S ...]            (or the models of other training seeds)
     python experiments.py tune                           BoE's grid search, on the tuning instances (seed 0)
     python experiments.py picks                          where BoE helps: how often a pick is wrong, what it buys
     python experiments.py fidelity                       how well TIS ranks candidates against exact drops
@@ -12,7 +13,7 @@ was measured. `python boe.py` prints its table with builtin_table below; each su
     python experiments.py noise                          how many decodings tiny changes to the weights change
     python experiments.py loss                           each model's training loss: where training stopped
     python experiments.py precision                      the built-in task's model in float32, bfloat16, float16
-    python experiments.py train                          train (or load) every model of the suite
+    python experiments.py train [--seeds S ...]          train (or load) every model of the suite
 
 The models are the shipped weights in weights/ (TASK-seedS.pt); a missing or stale file is retrained with
 boe.py's training code. --plot needs matplotlib (pip install matplotlib), which nothing else here uses.
@@ -937,12 +938,15 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     suite = commands.add_parser("suite", help="every rule on every task, over the trained models")
-    suite.add_argument("--quick", action="store_true", help="one model a task, 40 instances, two budgets (for CI)")
+    suite.add_argument("--quick", action="store_true", help="one model a task (the first of --seeds), 40 instances, two budgets (for CI)")
     suite.add_argument("--tasks", nargs="+", default=list(tasks.ALL_TASKS), choices=list(tasks.ALL_TASKS))
     suite.add_argument("--plot", metavar="DIR", help="also write DIR/frontier-TASK.png (needs matplotlib)")
     suite.add_argument("--json", metavar="PATH", help="also write every row of every model as JSON")
     suite.add_argument("--temperature", type=float, default=0.0, help="every rule commits a sample from "
                        "p ** (1 / T); 0 = the argmax (the README's tables)")
+    seeds_help = ("training seeds of the models (default 0 1 2, the shipped ones); a model not in weights/ is "
+                  "trained first, 3 to 15 minutes on one core")
+    suite.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help=seeds_help)
     for name, default, what in (
             ("tune", TUNING, "the grid search behind BoE's defaults, on tuning instances (seed 0)"),
             ("picks", 300, "how often BoE's pick is wrong, which token it picks where the bound is stuck, "
@@ -959,8 +963,10 @@ def main():
     show_args.add_argument("instance", type=int)
     show_args.add_argument("--task", default="marks", choices=list(tasks.ALL_TASKS))
     show_args.add_argument("--steps", type=int, default=3, help="budget of the fixed-schedule rules")
-    commands.add_parser("train", help="train every model of the suite that is missing").add_argument(
-        "--retrain", action="store_true", help="train every model again, also where its weights are valid")
+    train_args = commands.add_parser("train", help="train every model of the suite that is missing")
+    train_args.add_argument("--retrain", action="store_true", help="train every model again, also where its "
+                            "weights are valid")
+    train_args.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help=seeds_help)
     args = parser.parse_args()
     if "" in (getattr(args, "json", None), getattr(args, "plot", None)):
         parser.error("--json and --plot need a path")
@@ -970,6 +976,8 @@ def main():
         parser.error("--instances must be at most 10**4 (the tables use 1000)")
     if getattr(args, "instance", 0) >= 10**6:
         parser.error("INSTANCE must be below 10**6")
+    if not all(0 <= seed < 10**12 for seed in getattr(args, "seeds", ())):  # boe.train's data seeds, as in boe.py
+        parser.error(f"--seeds must be in [0, 10**12); got {args.seeds}")
     try:  # what the suite writes at its end: an error now, not after the run
         if getattr(args, "json", None):
             check_writable(args.json)
@@ -981,7 +989,8 @@ def main():
         parser.error("--plot needs matplotlib: pip install matplotlib")
 
     if args.command == "suite":
-        seeds, instances, steps = ((0,), 40, (2, 3)) if args.quick else (SEEDS, INSTANCES, None)
+        seeds = list(dict.fromkeys(args.seeds))  # each model once, in the order given
+        seeds, instances, steps = (seeds[:1], 40, (2, 3)) if args.quick else (seeds, INSTANCES, None)
         tiny, big = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
         if not 0 <= args.temperature <= big or 0 < args.temperature < tiny:
             parser.error(f"--temperature must be 0 or from {tiny:.3g} to {big:.3g}; got {args.temperature}")
@@ -994,7 +1003,7 @@ def main():
             plot_suite(results, args.plot)
     elif args.command == "train":
         for task in tasks.ALL_TASKS.values():
-            for seed in SEEDS:
+            for seed in dict.fromkeys(args.seeds):
                 suite_model(task, seed, args.retrain)
     elif args.command == "show":
         show(args.task, args.instance, args.steps)

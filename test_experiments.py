@@ -364,6 +364,11 @@ def test_measurement_commands_run_on_the_shipped_models():
     assert "s = 1e-06" in noise and "boe-adaptive gamma 0.1" in noise and "latin" in noise
 
 
+def test_suite_quick_decodes_with_the_first_model_of_seeds():
+    out = run("suite", "--quick", "--tasks", "marks", "--seeds", "2", "0")
+    assert "marks, model seed 2:" in out and "model seed 0" not in out
+
+
 def test_suite_plot_writes_a_png_per_task(tmp_path):
     pytest.importorskip("matplotlib")
     run("suite", "--quick", "--tasks", "marks", "--plot", str(tmp_path))
@@ -398,7 +403,9 @@ def test_suite_plot_without_matplotlib_fails_before_the_run(tmp_path, monkeypatc
                                            (["fidelity", "--instances", str(10**4 + 1)], "at most 10**4"),
                                            (["show", str(10**20)], "INSTANCE must be below 10**6"),
                                            (["suite", "--json", ""], "need a path"),
-                                           (["suite", "--plot", ""], "need a path")])
+                                           (["suite", "--plot", ""], "need a path"),
+                                           (["suite", "--seeds", "0", "-1"], "--seeds must be in [0, 10**12)"),
+                                           (["train", "--seeds", str(10**12)], "--seeds must be in [0, 10**12)")])
 def test_commands_reject_instance_counts_out_of_range_before_the_run(monkeypatch, capsys, argv, message):
     assert message in refusal(monkeypatch, capsys, *argv)
 

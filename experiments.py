@@ -3,7 +3,7 @@ was measured. `python boe.py` prints its table with builtin_table below; each su
 
     python experiments.py suite [--quick] [--plot DIR]   every rule on every task, 3 trained models a task
                               [--temperature T]          (with every commit sampled at T)
-                              [--seeds S ...]            (or the models of other training seeds)
+                              [--train-seeds S ...]      (or the models of other training seeds)
     python experiments.py tune                           BoE's grid search, on the tuning instances (seed 0)
     python experiments.py picks                          where BoE helps: how often a pick is wrong, what it buys
     python experiments.py fidelity                       how well TIS ranks candidates against exact drops
@@ -13,7 +13,7 @@ was measured. `python boe.py` prints its table with builtin_table below; each su
     python experiments.py noise                          how many decodings tiny changes to the weights change
     python experiments.py loss                           each model's training loss: where training stopped
     python experiments.py precision                      the built-in task's model in float32, bfloat16, float16
-    python experiments.py train [--seeds S ...]          train (or load) every model of the suite
+    python experiments.py train [--train-seeds S ...]    train (or load) every model of the suite
 
 The models are the shipped weights in weights/ (TASK-seedS.pt); a missing or stale file is retrained with
 boe.py's training code. --plot needs matplotlib (pip install matplotlib), which nothing else here uses.
@@ -436,19 +436,19 @@ def watching_boe_step(watch):
         boe.boe_step = real_boe_step
 
 
-def pick_study(instances):
+def pick_study(instances, train_seed=0):
     """Along BoE's own decodings (fixed schedule at the task's budgets with a choice, and adaptive), at every
     step where BoE picks a reveal by its score: is the row still completable (a valid answer agrees with every
     revealed token) after the pick, and would it be after confidence's reveal instead (the most confident
     position, at its argmax)? Counted only at states that are still completable. Also the entropy of the two
     reveals: the model's marginals are all a sampler sees of the two kinds of uncertainty."""
     print("How often a reveal makes the row impossible to complete, BoE's pick against confidence's choice at "
-          "the same step (seed-0 model, evaluation instances)")
+          f"the same step (seed-{train_seed} models, evaluation instances)")
     print(f"{'task':<11}{'sampler':<22}{'picks':>7}{'BoE wrong':>11}{'confidence wrong':>18}"
           f"{'H(BoE pick)':>13}{'H(confidence)':>15}")
     for task in tasks.ALL_TASKS.values():
         prompts, _ = task.make_instances(instances, seed=1)
-        model = suite_model(task, 0)
+        model = suite_model(task, train_seed)
         for label, order, steps_list in (("boe, fixed schedule", "boe", task.steps[:-1]),
                                          ("boe-adaptive", "boe-adaptive", [answer_length(prompts, task)])):
             seen = []
@@ -509,17 +509,17 @@ def first_picks(instances):
                                           zip(shares, (8, 9, 9, 9))) + f"{record['backwards'].float().mean():>11.2f}")
 
 
-def stuck_choices(instances, bound=0.1):
+def stuck_choices(instances, train_seed=0, bound=0.1):
     """At the steps where the entropy bound admits one token although several are masked (along its own
-    decodings, seed-0 models): how often a score's first choice is the exact one, the masked position whose
+    decodings, the models of one training seed): how often a score's first choice is the exact one, the masked position whose
     reveal (argmax) lowers the other masked positions' entropy most (one forward per position)."""
     print(f"\nAt the steps where the entropy bound (gamma {bound}) is stuck: how often each score's first choice "
-          f"is the exact one (the largest drop of the others' entropy)")
+          f"is the exact one (the largest drop of the others' entropy), seed-{train_seed} models")
     print(f"{'task':<11}{'states':>8}{'|g|':>8}{'|g| (-log c)':>14}{'|g| H':>8}{'tangent':>9}{'most uncertain':>16}"
           f"{'least uncertain':>17}")
     for task in tasks.ALL_TASKS.values():
         prompts, _ = task.make_instances(instances, seed=1)
-        model = suite_model(task, 0)
+        model = suite_model(task, train_seed)
         found = []
 
         def entropy_bound_recording(s):
@@ -556,16 +556,17 @@ def stuck_choices(instances, bound=0.1):
         print(f"{task.name:<11}{len(states):>8}" + "".join(f"{a:>{w}.0%}" for a, w in zip(agree, (8, 14, 8, 9, 16, 17))))
 
 
-def where_failures_begin(instances):
-    """Adaptive BoE's failed decodings (seed-0 models): the first step after which no valid answer agrees with
-    the row, and whether BoE picked at that step or the entropy bound alone revealed; the bound's own failures
-    beside, on the same instances."""
-    print(f"\nWhere adaptive BoE's failed decodings go wrong ({instances} evaluation instances, seed-0 models): the "
+def where_failures_begin(instances, train_seed=0):
+    """Adaptive BoE's failed decodings (the models of one training seed): the first step after which no valid
+    answer agrees with the row, and whether BoE picked at that step or the entropy bound alone revealed; the
+    bound's own failures beside, on the same instances."""
+    print(f"\nWhere adaptive BoE's failed decodings go wrong ({instances} evaluation instances, seed-{train_seed} "
+          f"models): the "
           f"first step that leaves no valid answer, a step where BoE picked or one where the bound alone revealed")
     print(f"{'task':<11}{'failed':>8}{'at a pick':>11}{'bound alone':>13}{'entropy-bound failed':>22}")
     for task in tasks.ALL_TASKS.values():
         prompts, _ = task.make_instances(instances, seed=1)
-        model = suite_model(task, 0)
+        model = suite_model(task, train_seed)
         cap = answer_length(prompts, task)
         picked = []  # per step, bool [n]: the rows where BoE picked
 
@@ -638,10 +639,10 @@ def pick_value(instances):
             print(line, flush=True)
 
 
-def picks(instances):
-    pick_study(instances)
-    stuck_choices(instances)
-    where_failures_begin(instances)
+def picks(instances, train_seed=0):
+    pick_study(instances, train_seed)
+    stuck_choices(instances, train_seed)
+    where_failures_begin(instances, train_seed)
     first_picks(instances)
     pick_value(instances)
 
@@ -938,7 +939,7 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     suite = commands.add_parser("suite", help="every rule on every task, over the trained models")
-    suite.add_argument("--quick", action="store_true", help="one model a task (the first of --seeds), 40 instances, two budgets (for CI)")
+    suite.add_argument("--quick", action="store_true", help="one model a task (the first of --train-seeds), 40 instances, two budgets (for CI)")
     suite.add_argument("--tasks", nargs="+", default=list(tasks.ALL_TASKS), choices=list(tasks.ALL_TASKS))
     suite.add_argument("--plot", metavar="DIR", help="also write DIR/frontier-TASK.png (needs matplotlib)")
     suite.add_argument("--json", metavar="PATH", help="also write every row of every model as JSON")
@@ -946,7 +947,7 @@ def main():
                        "p ** (1 / T); 0 = the argmax (the README's tables)")
     seeds_help = ("training seeds of the models (default 0 1 2, the shipped ones); a model not in weights/ is "
                   "trained first, 3 to 15 minutes on one core")
-    suite.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help=seeds_help)
+    suite.add_argument("--train-seeds", type=int, nargs="+", default=list(SEEDS), help=seeds_help)
     for name, default, what in (
             ("tune", TUNING, "the grid search behind BoE's defaults, on tuning instances (seed 0)"),
             ("picks", 300, "how often BoE's pick is wrong, which token it picks where the bound is stuck, "
@@ -959,6 +960,8 @@ def main():
             ("precision", 500, "the built-in task's model in float32, bfloat16 and float16")):
         commands.add_parser(name, help=what).add_argument("--instances", type=int, default=default,
                                                           help=f"how many instances (default {default})")
+    commands.choices["picks"].add_argument("--train-seed", type=int, default=0, help="training seed of the models "
+                                           "of the first three studies (default 0; the last two use 0, 1 and 2)")
     show_args = commands.add_parser("show", help="one decoding by every rule")
     show_args.add_argument("instance", type=int)
     show_args.add_argument("--task", default="marks", choices=list(tasks.ALL_TASKS))
@@ -966,7 +969,7 @@ def main():
     train_args = commands.add_parser("train", help="train every model of the suite that is missing")
     train_args.add_argument("--retrain", action="store_true", help="train every model again, also where its "
                             "weights are valid")
-    train_args.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help=seeds_help)
+    train_args.add_argument("--train-seeds", type=int, nargs="+", default=list(SEEDS), help=seeds_help)
     args = parser.parse_args()
     if "" in (getattr(args, "json", None), getattr(args, "plot", None)):
         parser.error("--json and --plot need a path")
@@ -976,8 +979,9 @@ def main():
         parser.error("--instances must be at most 10**4 (the tables use 1000)")
     if getattr(args, "instance", 0) >= 10**6:
         parser.error("INSTANCE must be below 10**6")
-    if not all(0 <= seed < 10**12 for seed in getattr(args, "seeds", ())):  # boe.train's data seeds, as in boe.py
-        parser.error(f"--seeds must be in [0, 10**12); got {args.seeds}")
+    train_seeds = getattr(args, "train_seeds", [getattr(args, "train_seed", 0)])
+    if not all(0 <= seed < 10**12 for seed in train_seeds):  # boe.train's data seeds, as in boe.py
+        parser.error(f"training seeds must be in [0, 10**12); got {train_seeds}")
     try:  # what the suite writes at its end: an error now, not after the run
         if getattr(args, "json", None):
             check_writable(args.json)
@@ -989,7 +993,7 @@ def main():
         parser.error("--plot needs matplotlib: pip install matplotlib")
 
     if args.command == "suite":
-        seeds = list(dict.fromkeys(args.seeds))  # each model once, in the order given
+        seeds = list(dict.fromkeys(args.train_seeds))  # each model once, in the order given
         seeds, instances, steps = (seeds[:1], 40, (2, 3)) if args.quick else (seeds, INSTANCES, None)
         tiny, big = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
         if not 0 <= args.temperature <= big or 0 < args.temperature < tiny:
@@ -1003,12 +1007,14 @@ def main():
             plot_suite(results, args.plot)
     elif args.command == "train":
         for task in tasks.ALL_TASKS.values():
-            for seed in dict.fromkeys(args.seeds):
+            for seed in dict.fromkeys(args.train_seeds):
                 suite_model(task, seed, args.retrain)
+    elif args.command == "picks":
+        picks(args.instances, args.train_seed)
     elif args.command == "show":
         show(args.task, args.instance, args.steps)
     else:
-        dict(tune=tune, picks=picks, fidelity=fidelity, ablations=ablations, noise=weight_noise, loss=model_loss,
+        dict(tune=tune, fidelity=fidelity, ablations=ablations, noise=weight_noise, loss=model_loss,
              precision=precision, **{"time-backward": time_backward})[args.command](args.instances)
 
 

@@ -364,9 +364,11 @@ def test_measurement_commands_run_on_the_shipped_models():
     assert "s = 1e-06" in noise and "boe-adaptive gamma 0.1" in noise and "latin" in noise
 
 
-def test_suite_quick_decodes_with_the_first_model_of_seeds():
-    out = run("suite", "--quick", "--tasks", "marks", "--seeds", "2", "0")
-    assert "marks, model seed 2:" in out and "model seed 0" not in out
+def test_suite_quick_and_picks_decode_with_the_models_of_the_training_seeds_asked_for():
+    suite, picked = run_each(["suite", "--quick", "--tasks", "marks", "--train-seeds", "2", "0"],
+                             ["picks", "--instances", "10", "--train-seed", "1"])
+    assert "marks, model seed 2:" in suite and "model seed 0" not in suite
+    assert "seed-1 models" in picked and "seed-0" not in picked
 
 
 def test_suite_plot_writes_a_png_per_task(tmp_path):
@@ -404,8 +406,9 @@ def test_suite_plot_without_matplotlib_fails_before_the_run(tmp_path, monkeypatc
                                            (["show", str(10**20)], "INSTANCE must be below 10**6"),
                                            (["suite", "--json", ""], "need a path"),
                                            (["suite", "--plot", ""], "need a path"),
-                                           (["suite", "--seeds", "0", "-1"], "--seeds must be in [0, 10**12)"),
-                                           (["train", "--seeds", str(10**12)], "--seeds must be in [0, 10**12)")])
+                                           (["suite", "--train-seeds", "0", "-1"], "seeds must be in [0, 10**12)"),
+                                           (["train", "--train-seeds", str(10**12)], "seeds must be in [0, 10**12)"),
+                                           (["picks", "--train-seed", "-1"], "seeds must be in [0, 10**12)")])
 def test_commands_reject_instance_counts_out_of_range_before_the_run(monkeypatch, capsys, argv, message):
     assert message in refusal(monkeypatch, capsys, *argv)
 

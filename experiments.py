@@ -511,8 +511,8 @@ def first_picks(instances):
 
 def stuck_choices(instances, train_seed=0, bound=0.1):
     """At the steps where the entropy bound admits one token although several are masked (along its own
-    decodings, the models of one training seed): how often a score's first choice is the exact one, the masked position whose
-    reveal (argmax) lowers the other masked positions' entropy most (one forward per position)."""
+    decodings, seed-0 models unless told): how often a score's first choice is the exact one, the masked
+    position whose reveal (argmax) lowers the other masked positions' entropy most (one forward per position)."""
     print(f"\nAt the steps where the entropy bound (gamma {bound}) is stuck: how often each score's first choice "
           f"is the exact one (the largest drop of the others' entropy), seed-{train_seed} models")
     print(f"{'task':<11}{'states':>8}{'|g|':>8}{'|g| (-log c)':>14}{'|g| H':>8}{'tangent':>9}{'most uncertain':>16}"
@@ -557,12 +557,12 @@ def stuck_choices(instances, train_seed=0, bound=0.1):
 
 
 def where_failures_begin(instances, train_seed=0):
-    """Adaptive BoE's failed decodings (the models of one training seed): the first step after which no valid
-    answer agrees with the row, and whether BoE picked at that step or the entropy bound alone revealed; the
-    bound's own failures beside, on the same instances."""
+    """Adaptive BoE's failed decodings (seed-0 models unless told): the first step after which no valid answer
+    agrees with the row, and whether BoE picked at that step or the entropy bound alone revealed; the bound's
+    own failures beside, on the same instances."""
     print(f"\nWhere adaptive BoE's failed decodings go wrong ({instances} evaluation instances, seed-{train_seed} "
-          f"models): the "
-          f"first step that leaves no valid answer, a step where BoE picked or one where the bound alone revealed")
+          f"models): the first step that leaves no valid answer, a step where BoE picked or one where the bound "
+          f"alone revealed")
     print(f"{'task':<11}{'failed':>8}{'at a pick':>11}{'bound alone':>13}{'entropy-bound failed':>22}")
     for task in tasks.ALL_TASKS.values():
         prompts, _ = task.make_instances(instances, seed=1)
@@ -939,14 +939,15 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     suite = commands.add_parser("suite", help="every rule on every task, over the trained models")
-    suite.add_argument("--quick", action="store_true", help="one model a task (the first of --train-seeds), 40 instances, two budgets (for CI)")
+    suite.add_argument("--quick", action="store_true", help="one model a task (the first of --train-seeds), "
+                       "40 instances, two budgets (for CI)")
     suite.add_argument("--tasks", nargs="+", default=list(tasks.ALL_TASKS), choices=list(tasks.ALL_TASKS))
     suite.add_argument("--plot", metavar="DIR", help="also write DIR/frontier-TASK.png (needs matplotlib)")
     suite.add_argument("--json", metavar="PATH", help="also write every row of every model as JSON")
     suite.add_argument("--temperature", type=float, default=0.0, help="every rule commits a sample from "
                        "p ** (1 / T); 0 = the argmax (the README's tables)")
     seeds_help = ("training seeds of the models (default 0 1 2, the shipped ones); a model not in weights/ is "
-                  "trained first, 3 to 15 minutes on one core")
+                  "trained first, 2 to 15 minutes on one core")
     suite.add_argument("--train-seeds", type=int, nargs="+", default=list(SEEDS), help=seeds_help)
     for name, default, what in (
             ("tune", TUNING, "the grid search behind BoE's defaults, on tuning instances (seed 0)"),

@@ -840,7 +840,7 @@ def main():
     parser.add_argument("--train-steps", type=int, default=TrainConfig.steps, help="training steps (a weights "
                         "file made with other settings is retrained)")
     parser.add_argument("--train-seed", type=int, default=TrainConfig.seed, help="seed of the weights and the "
-                        "training data; 0, 1 and 2 are shipped (the suite's three models)")
+                        "training data; 0 to 4 are shipped (the suite's three models, and two held out of tuning)")
     parser.add_argument("--cache", help="trained weights file (default: weights/marks-seedN.pt, N = --train-seed; "
                         "weights/marks-seedN-stepsS.pt for other --train-steps S)")
     parser.add_argument("--retrain", action="store_true", help="train even if the weights file is valid")

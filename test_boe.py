@@ -764,7 +764,7 @@ def test_adaptive_boe_equals_a_reference_that_always_runs_the_backward(pick):
     # The skipped backward never changes the result: where it is skipped, nothing depends on it.
     model = random_model(torch.float64)
     prompts = partly_masked_prompts(10)
-    for bound in (0.05, 0.5, 2.0):
+    for bound in (0.05, 0.5, 2.0, 3.0):  # 3.0 nats admits two positions at some steps: no pick there when "stuck"
         cfg = boe.SamplerConfig(entropy_bound=bound, adaptive_pick=pick)
         tokens, record = boe.generate(model, prompts, prompts.shape[1], "boe-adaptive", cfg)
         reference, reference_steps = reference_boe_adaptive(model, prompts, bound, pick)

@@ -315,6 +315,25 @@ def print_suite(results):
             print(f"{row['rule']:<16}{row['setting']:<12}{row['accuracy']:>9.3f}   [{row['low']:.3f}, {row['high']:.3f}]"
                   f"   [{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]{row['forwards']:>10.2f}{row['backwards']:>10.2f}"
                   f"{row['fwd_equiv']:>10.2f}{f'{on}/{models}' if on else '':>10}")
+        print_comparisons(by_rule)
+
+
+def apart(mine, theirs):
+    """'+' where interval `mine` lies above `theirs`, '-' where below, '=' where they overlap."""
+    return "+" if mine[0] > theirs[1] else "-" if mine[1] < theirs[0] else "="
+
+
+def print_comparisons(by_rule):
+    """BoE against the rule it replaces, at each budget (fixed schedule, against confidence) and each gamma
+    (adaptive, against the entropy bound): for the mean model (pooled_interval) and for each model (its own
+    interval over the instances), '+' better with the 95 % intervals apart, '-' worse, '=' neither."""
+    print("BoE against confidence (fixed schedule) and against the entropy bound (adaptive): + better, - worse "
+          "(95 % intervals apart), = neither; the mean model, then each model")
+    for (rule, setting), rows in by_rule.items():
+        other = by_rule.get(({"boe": "confidence", "boe-adaptive": "entropy-bound"}.get(rule), setting))
+        if other:
+            each = " ".join(apart(mine["ci95"], theirs["ci95"]) for mine, theirs in zip(rows, other))
+            print(f"  {rule:<14}{setting:<12}{apart(pooled(rows)['ci95'], pooled(other)['ci95']):>3}    {each}")
 
 
 FAMILIES = {  # how the plot draws each rule: one line through its settings

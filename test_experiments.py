@@ -344,6 +344,7 @@ def test_suite_quick_runs_every_rule_on_every_task():
         assert f"\n{name} (" in out
     for rule in (*boe.ORDERS, "lookahead"):
         assert f"\n{rule} " in out
+    assert "BoE against confidence (fixed schedule)" in out and "\n  boe-adaptive  gamma 0.1" in out
 
 
 def test_measurement_commands_run_on_the_shipped_models():
@@ -494,6 +495,25 @@ def test_pooled_averages_each_number_over_the_models():
     assert (row["accuracy"], row["low"], row["high"]) == (0.375, 0.25, 0.5)
     assert (row["forwards"], row["backwards"], row["fwd_equiv"]) == (3.0, 0.5, 4.0)
     assert row["ci95"] == experiments.pooled_interval(torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool))
+
+
+def test_comparisons_mark_boe_better_or_worse_only_where_the_intervals_are_apart(capsys):
+    pairs = (((0.5, 0.6), (0.3, 0.4)), ((0.3, 0.4), (0.5, 0.6)), ((0.4, 0.6), (0.3, 0.4)), ((0.3, 0.5), (0.4, 0.6)))
+    assert [experiments.apart(*pair) for pair in pairs] == ["+", "-", "=", "="]  # touching is not apart
+
+    def rows(rule, setting, *solved):  # one row per model, 40 instances each
+        return [dict(rule=rule, setting=setting, accuracy=s.count("1") / len(s), forwards=1.0, backwards=0.0,
+                     fwd_equiv=1.0, ci95=experiments.wilson_interval(s.count("1"), len(s)), solved=s) for s in solved]
+
+    good, poor, half = "1" * 38 + "00", "1" * 4 + "0" * 36, "10" * 20
+    by_rule = {("boe", "2 steps"): rows("boe", "2 steps", good, half), ("confidence", "2 steps"):
+               rows("confidence", "2 steps", poor, half), ("boe-adaptive", "gamma 0.1"):
+               rows("boe-adaptive", "gamma 0.1", poor, poor), ("entropy-bound", "gamma 0.1"):
+               rows("entropy-bound", "gamma 0.1", good, good), ("random", "2 steps"): rows("random", "2 steps", poor)}
+    experiments.print_comparisons(by_rule)
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split() for line in lines] == [["boe", "2", "steps", "+", "+", "="],
+                                                ["boe-adaptive", "gamma", "0.1", "-", "-", "-"]]
 
 
 def test_evaluate_interval_is_wilson_of_the_solved_count(monkeypatch):

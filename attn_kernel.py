@@ -224,7 +224,9 @@ if HAS_TRITON:
                 k = _load_rows(k_base, keys, key_valid, stride_kl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
                 v = _load_rows(v_base, keys, key_valid, stride_vl, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
                 logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-                p = tl.where(key_valid[None, :], tl.exp2(logits - lse[:, None]), 0.0)
+                # A padded key reads as logit 0, which can lie far above lse: mask before exp2, not after.
+                logits = tl.where(key_valid[None, :], logits, float("-inf"))
+                p = tl.exp2(logits - lse[:, None])  # [BLOCK_M, BLOCK_N]
                 dp = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
                 ds = p * (dp - delta[:, None])
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -259,8 +261,10 @@ if HAS_TRITON:
             delta = tl.load(delta_base + rows, mask=slot_valid, other=0.0)  # [BLOCK_M]
 
             logits_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-            # Padded keys and padded slots must contribute nothing: their logits are not meaningful.
-            p_t = tl.where(key_valid[:, None] & slot_valid[None, :], tl.exp2(logits_t - lse[None, :]), 0.0)
+            # Padded keys and padded slots must contribute nothing: their logits are not meaningful (and a padded
+            # key's can overflow exp2), so they are masked before it.
+            logits_t = tl.where(key_valid[:, None] & slot_valid[None, :], logits_t, float("-inf"))
+            p_t = tl.exp2(logits_t - lse[None, :])  # [BLOCK_N, BLOCK_M]
             dv += tl.dot(p_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
             ds_t = p_t * (dp_t - delta[None, :])

@@ -258,9 +258,23 @@ def test_q_k_v_in_three_different_layouts(backend):
     problem = single(45, (("random", 40), ("run", 3, 20)))
     q, k, v, active, dout = make_inputs(problem)
     q = q.contiguous()  # [B, H, L, D]
+    # D not the fastest axis: the kernels read rows of D contiguous values, so k must be copied first
+    k = k.transpose(-1, -2).contiguous().transpose(-1, -2)  # [B, H, L, D], stored as [B, H, D, L]
     buffer = torch.full((45 + 7, 2, 2, 32 + 8), float("nan"), device=DEVICE)  # [L + pad, B, H, D + pad]
     v = buffer[2:47, :, :, :32].permute(1, 2, 0, 3).copy_(v)  # [B, H, L, D], rows B * H * (D + pad) apart
-    assert len({q.stride(), k.stride(), v.stride()}) == 3
+    assert len({q.stride(), k.stride(), v.stride()}) == 3 and k.stride(-1) != 1
+    check_against_float64(backend, problem, q, k, v, active, dout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_far_below_zero_with_a_padded_key_tile(backend):
+    # Softmax is shift invariant, so rows whose every logit lies near -140 are ordinary attention. A padded
+    # key of the last tile then reads as logit 0, far above the row's log-sum-exp, where exp overflows: only
+    # masking it keeps inf * 0 = NaN out of dq.
+    problem = single(33, (("random", 50), ("all",)))  # L = a 32-key tile + 1
+    q, k, v, active, dout = make_inputs(problem)
+    q.add_(5.0)  # q.k about -25 D, scaled by 1 / sqrt(D): -141 for every key
+    k.sub_(5.0)
     check_against_float64(backend, problem, q, k, v, active, dout)
 
 

@@ -606,6 +606,52 @@ def where_failures_begin(instances, train_seed=0):
         print(f"{task.name:<11}{at_pick + alone:>8}{at_pick:>11}{alone:>13}{int(bound_failed):>22}")
 
 
+def waiting_shares(model, prompts, bound=0.1):
+    """At the first step of `prompts` [n, L]: the near-certain tokens (bool [n, L]: the entropy bound's set less
+    its free token, the most uncertain one), the others still masked (bool [n, L]), and the share of the
+    others' entropy [n] that goes when the near-certain tokens alone are revealed (at their argmax, one more
+    forward), exactly and as predicted to first order from the state's gradient: the tangent -<g_j, delta_j>
+    summed over the revealed tokens j, with the others as probes (the quantity BoE's one backward sees)."""
+    masked = prompts == model.mask_id  # [n, L]
+    with torch.no_grad():
+        logits, probs = boe.predict(model, prompts)  # [n, L, V]
+    own = boe.entropy(probs)  # [n, L]
+    admitted = boe.entropy_bound_count(own, masked, bound)  # [n]
+    positions, valid = boe.top_masked(-own, masked, (admitted - 1).clamp_min(0))  # [n, K] least uncertain first
+    near = torch.zeros_like(masked).scatter(1, positions, valid)  # [n, L]
+    others = masked & ~near  # [n, L]
+    before = (own * others).sum(1)  # [n]
+    with torch.no_grad():
+        after = boe.entropy(boe.predict(model, torch.where(near, logits.argmax(-1), prompts))[1])  # [n, L]
+    exact = (before - (after * others).sum(1)) / before  # [n]; NaN where nothing is left uncertain
+    _, grad = boe.entropy_gradient(model.forward_embeds, model.embed(prompts), others, model.mask_id)  # [n, L, D]
+    table = model.token_embedding.weight.detach()  # [V, D]
+    delta = table[logits.argmax(-1)] - table[model.mask_id]  # [n, L, D]
+    predicted = (-(grad * delta).sum(-1) * near).sum(1) / before  # [n]
+    return near, others, exact, predicted
+
+
+def waiting_study(instances, train_seed=0, bound=0.1):
+    """Whether waiting tells the two kinds of uncertainty apart: at the first step, revealing the near-certain
+    tokens alone settles uncertainty that is the model's own where the model can work the rest out from them,
+    and cannot settle a free choice, which nothing they say decides. And whether BoE's one backward could see
+    it: the first-order prediction of the same share, and its correlation with the exact one across states."""
+    print(f"\nWaiting at the first step (gamma {bound}, seed-{train_seed} models, evaluation instances with both "
+          f"near-certain and uncertain tokens): the share of the uncertain tokens' entropy that revealing the "
+          f"near-certain ones alone removes, exactly (one more forward) and to first order (the state's gradient)")
+    print(f"{'task':<11}{'states':>8}{'near-certain':>14}{'uncertain':>11}{'share gone':>12}{'predicted':>11}"
+          f"{'correlation':>13}")
+    for task in tasks.ALL_TASKS.values():
+        prompts, _ = task.make_instances(instances, seed=1)
+        near, others, exact, predicted = waiting_shares(suite_model(task, train_seed), prompts, bound)
+        rows = near.any(1) & others.any(1)  # [n]
+        pair = torch.stack([exact[rows], predicted[rows]])  # [2, N]
+        correlation = torch.corrcoef(pair)[0, 1].item() if rows.sum() > 1 else math.nan
+        print(f"{task.name:<11}{int(rows.sum()):>8}{near[rows].sum(1).float().mean():>14.1f}"
+              f"{others[rows].sum(1).float().mean():>11.1f}{exact[rows].mean():>12.3f}{predicted[rows].mean():>11.3f}"
+              f"{correlation:>13.2f}")
+
+
 def exact_pick_adaptive(cfg, picks):
     """boe-adaptive with a perfect estimate: where it would pick (the bound admits one token, and enough
     positions are masked for a pick to pay), the masked position whose reveal lowers the other masked
@@ -662,6 +708,7 @@ def picks(instances, train_seed=0):
     pick_study(instances, train_seed)
     stuck_choices(instances, train_seed)
     where_failures_begin(instances, train_seed)
+    waiting_study(instances, train_seed)
     first_picks(instances)
     pick_value(instances)
 
@@ -971,7 +1018,7 @@ def main():
     for name, default, what in (
             ("tune", TUNING, "the grid search behind BoE's defaults, on tuning instances (seed 0)"),
             ("picks", 300, "how often BoE's pick is wrong, which token it picks where the bound is stuck, "
-                           "and how many forwards a pick saves"),
+                           "whether waiting settles the uncertainty, and how many forwards a pick saves"),
             ("fidelity", 250, "how well TIS ranks reveals against their exact entropy drops"),
             ("ablations", INSTANCES, "BoE with one of its choices changed at a time"),
             ("noise", INSTANCES, "how many decodings tiny changes to the weights change"),
@@ -981,7 +1028,7 @@ def main():
         commands.add_parser(name, help=what).add_argument("--instances", type=int, default=default,
                                                           help=f"how many instances (default {default})")
     commands.choices["picks"].add_argument("--train-seed", type=int, default=0, help="training seed of the models "
-                                           "of the first three studies (default 0; the last two use 0, 1 and 2)")
+                                           "of the first four studies (default 0; the last two use 0, 1 and 2)")
     show_args = commands.add_parser("show", help="one decoding by every rule")
     show_args.add_argument("instance", type=int)
     show_args.add_argument("--task", default="marks", choices=list(tasks.ALL_TASKS))

@@ -355,7 +355,7 @@ def test_measurement_commands_run_on_the_shipped_models():
         ["noise", "--instances", "10"])
     assert "boe: mean accuracy over tasks (marks, sudoku, countdown)" in tuned and "adaptive_pick=" in tuned
     assert "BoE wrong" in picked and "first pick on marks" in picked and "seed 2" in picked and "bound alone" in picked
-    assert "the exact pick" in picked
+    assert "the exact pick" in picked and "share gone" in picked
     assert "estimate vs lookahead" in fidelity
     assert "boe (paper, rho=1/2)" in ablations
     assert "boe-adaptive:" in shown and "step 1:" in shown
@@ -600,3 +600,55 @@ def test_pick_study_counts_a_wrong_pick_only_at_a_completable_state(monkeypatch,
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("marks") and "boe-adaptive" in l)
     picks, wrong = line.split()[2:4]
     assert (picks, wrong) == ("1", "1.000"), line
+
+
+def float64_marks_model():
+    model = experiments.suite_model(tasks.MARKS, 0).double()
+    return model.requires_grad_(False)
+
+
+def test_waiting_share_is_what_one_forward_after_revealing_the_near_certain_tokens_removes():
+    # Oracle: per row in float64, the entropy bound's set taken by hand (ascending entropy, all but the
+    # largest summing to at most gamma), its most uncertain token left masked, the rest revealed at the argmax.
+    model = float64_marks_model()
+    prompts, _ = boe.make_instances(12, seed=5)
+    near, others, exact, _ = experiments.waiting_shares(model, prompts, bound=0.1)
+
+    def masked_entropies(tokens):
+        logits = model(tokens[None])[0]  # [L, V]
+        logits[:, model.mask_id] = -math.inf
+        return torch.special.entr(logits.softmax(-1)).sum(-1)  # [L]
+
+    for row, prompt in enumerate(prompts):
+        masked = prompt == model.mask_id  # [L]
+        own = masked_entropies(prompt)  # [L]
+        ascending = sorted(torch.nonzero(masked).flatten().tolist(), key=lambda i: own[i].item())
+        admitted = max(n for n in range(1, len(ascending) + 1) if sum(own[i] for i in ascending[:n - 1]) <= 0.1)
+        expected_near = torch.zeros_like(masked)
+        expected_near[ascending[:admitted - 1]] = True
+        assert torch.equal(near[row], expected_near)
+        assert torch.equal(others[row], masked & ~expected_near)
+        revealed = torch.where(expected_near, model(prompt[None])[0].argmax(-1), prompt)  # [L]
+        before, after = own[others[row]].sum(), masked_entropies(revealed)[others[row]].sum()
+        assert exact[row].item() == pytest.approx(((before - after) / before).item(), abs=1e-5)
+
+
+def test_waiting_prediction_is_the_directional_derivative_of_the_uncertain_entropy():
+    # The first-order share: d/de of the uncertain tokens' entropy along the near-certain tokens' reveal
+    # directions (central finite differences in float64), over their entropy.
+    model = float64_marks_model()
+    prompts, _ = boe.make_instances(6, seed=6)
+    near, others, exact, predicted = experiments.waiting_shares(model, prompts, bound=0.1)
+    assert near.any(1).all()
+    table = model.token_embedding.weight  # [V, D]
+    argmax = model(prompts).argmax(-1)  # [n, L]
+    direction = (table[argmax] - table[model.mask_id]) * near[..., None]  # [n, L, D]
+
+    def uncertain_entropy(embeds):
+        logits = model.forward_embeds(embeds)  # [n, L, V]
+        logits[..., model.mask_id] = -math.inf
+        return (torch.special.entr(logits.softmax(-1)).sum(-1) * others).sum(1)  # [n]
+
+    embeds, step = model.embed(prompts), 1e-5  # [n, L, D]
+    slope = (uncertain_entropy(embeds + step * direction) - uncertain_entropy(embeds - step * direction)) / (2 * step)
+    torch.testing.assert_close(predicted, -slope / uncertain_entropy(embeds), rtol=1e-4, atol=1e-6)

@@ -569,9 +569,13 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
 
     # [B] as far as is known before the forward (when adaptive, a row with something to reveal reveals one)
     picks = pick_counts(budget.clamp_min(1) if adaptive else budget)
-    at_state = cfg.linearize == "state" and cfg.use_tis and bool(picks.any())
-    embeds = embedding.detach()[tokens].requires_grad_(at_state)  # [B, L, D]
-    with torch.set_grad_enabled(at_state):  # the step's forward, with a graph where a backward may follow
+    # The step's forward, with a graph where a backward may follow. It gets the active rows wherever the
+    # configuration's backward runs through them, whether or not a row picks now: the sparse path (the Triton
+    # forward) and plain attention round differently, and a row must get the same logits alone as in a batch.
+    at_state = cfg.linearize == "state" and cfg.use_tis
+    track = at_state and bool(picks.any())
+    embeds = embedding.detach()[tokens].requires_grad_(track)  # [B, L, D]
+    with torch.set_grad_enabled(track):
         raw_logits = call_logits_fn(logits_fn, embeds, masked if at_state and cfg.sparse_backward else None,
                                     len(embedding))
     # A copy, also of float32 logits: a model's last op may keep its output for the backward (log_softmax does)

@@ -3,6 +3,7 @@ dense reference, the fused BoE step against separate passes, the charged passes 
 that run, sampler invariants for every order rule and BoE configuration, BoE inside a model written
 the way Hugging Face models are, and clear errors on bad input."""
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -150,6 +151,27 @@ def test_tis_same_with_triton_and_torch_backends(monkeypatch):
         results[backend] = tis(model, embeds, delta, probes, active)
     scale = results["torch"].abs().max()
     assert torch.allclose(results["triton"], results["torch"], rtol=1e-4, atol=1e-4 * scale)
+
+
+@needs_triton
+def test_a_rows_step_is_the_same_alone_as_beside_rows_that_pick(monkeypatch):
+    # The Triton forward rounds otherwise than plain attention, so the step's forward must take the same path
+    # for a row whether or not another row of its batch picks (and so needs the graph).
+    monkeypatch.setattr(boe, "ATTENTION_BACKEND", "triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = random_model(torch.float32).to(device)
+    prompts = partly_masked_prompts().to(device)  # [n, L]
+    masked = prompts == boe.MASK  # [n, L]
+    rows = torch.arange(len(prompts), device=device)  # [n]
+    budget = torch.where(rows % 2 == 0, masked.sum(1), 2)  # [n] even rows reveal all they have: no pick
+    step = functools.partial(boe.boe_step, embedding=model.token_embedding.weight, logits_fn=model.forward_embeds,
+                             mask_id=boe.MASK, cfg=boe.SamplerConfig())
+    together = step(prompts, masked, budget)
+    assert together[3].any() and not together[3].all()
+    for row in range(len(prompts)):
+        alone = step(prompts[row:row + 1], masked[row:row + 1], budget[row:row + 1])
+        for name, a, b in zip(("logits", "scores", "budget", "charged"), alone, together):
+            assert torch.equal(a[0], b[row]), f"row {row}: {name} differ alone"
 
 
 @pytest.mark.parametrize("estimator", ["tangent", "norm", "norm-surprisal", "norm-entropy"])
@@ -1369,16 +1391,20 @@ def readme_example(index=0):
     return re.findall(r"```python\n(.*?)```", section, re.DOTALL)[index]
 
 
-def test_readme_example_decodes_on_the_stand_in_and_keeps_the_prompt():
+def test_readme_example_decodes_on_the_stand_in_and_keeps_the_prompt(monkeypatch):
     namespace = {}
     exec(readme_example(), namespace)
     model = stand_in(torch.float32, seed=3)
+    backwards = []
+    real_gradient = boe.probe_entropy_gradient
+    monkeypatch.setattr(boe, "probe_entropy_gradient", lambda *args: backwards.append(1) or real_gradient(*args))
     prompt = torch.randint(0, STAND_IN_MASK, (2, 6), generator=torch.Generator().manual_seed(3))  # [B, P]
     tokens, routed = namespace["generate_boe"](model, prompt, STAND_IN_MASK, gen_length=16, block_length=8, steps=8)
     assert tokens.shape == (2, 22) and torch.equal(tokens[:, :6], prompt)
     assert not (tokens == STAND_IN_MASK).any()
-    # Two blocks of 8 in 4 steps each: 2 reveals a step, so the first 3 steps of a block run a backward.
-    assert routed == 2 * 3 * len(model.attentions)
+    # Two blocks of 8 in 4 steps each: every step's forward is routed, and with 2 reveals a step the first 3
+    # steps of a block run a backward.
+    assert routed == 2 * 4 * len(model.attentions) and len(backwards) == 2 * 3
 
 
 def test_readme_example_adaptive_stops_calling_the_model_when_a_block_is_done():
@@ -1388,8 +1414,7 @@ def test_readme_example_adaptive_stops_calling_the_model_when_a_block_is_done():
     calls = []
     model.register_forward_hook(lambda module, args, output: calls.append(1))
     prompt = torch.randint(0, STAND_IN_MASK, (2, 6), generator=torch.Generator().manual_seed(3))  # [B, P]
-    # An unbounded entropy bound reveals a whole block in its first step: one forward a block (each routed,
-    # since before it a backward may follow).
+    # An unbounded entropy bound reveals a whole block in its first step: one forward a block, each routed.
     cfg = boe.SamplerConfig(entropy_bound=math.inf)
     tokens, routed = namespace["generate_boe"](model, prompt, STAND_IN_MASK, gen_length=16, block_length=8,
                                                steps=8, cfg=cfg, adaptive=True)

@@ -676,6 +676,21 @@ def test_bench_gradient_check_passes_gradients_that_are_zero_everywhere():
     assert check["ok"] and check["error"] < 1e-6
 
 
+@pytest.mark.parametrize("wrong", ["scaled", "nan"])
+def test_bench_checks_flag_a_wrong_forward_and_wrong_gradients(wrong):
+    # The GPU run trusts these checks to say when a timing means nothing: a function 1 % off, or NaN, must fail.
+    import bench
+    q, k, v, dout = (torch.randn(2, 2, 40, 16, requires_grad=True) for _ in range(4))
+    active = torch.rand(2, 40, generator=torch.Generator().manual_seed(0)) < 0.5  # [B, L]
+    reference = attn_kernel.reference_attention
+    off = (lambda q, k, v, active: reference(q, k, v, active) * 1.01) if wrong == "scaled" else \
+        (lambda q, k, v, active: reference(q, k, v, active) * math.nan)
+    assert not bench.check_forward(off, reference, q, k, v, "wrong")["ok"]
+    assert not bench.check_gradients(off, reference, q, k, v, dout.detach(), active, "wrong")["ok"]
+    assert bench.check_forward(reference, reference, q, k, v, "right")["ok"]
+    assert bench.check_gradients(reference, reference, q, k, v, dout.detach(), active, "right")["ok"]
+
+
 def test_bench_cpu_path_runs_without_triton_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     result = run_without_triton("import runpy; runpy.run_path('bench.py', run_name='__main__')",

@@ -571,7 +571,7 @@ def boe_influence(tokens, masked, budget, embedding, logits_fn, mask_id, cfg, re
     picks = pick_counts(budget.clamp_min(1) if adaptive else budget)
     # The step's forward, with a graph where a backward may follow. It gets the active rows wherever the
     # configuration's backward runs through them, whether or not a row picks now: the sparse path (the Triton
-    # forward) and plain attention round differently, and a row must get the same logits alone as in a batch.
+    # forward) and plain attention round differently, and a row's logits must not depend on other rows' picks.
     at_state = cfg.linearize == "state" and cfg.use_tis
     track = at_state and bool(picks.any())
     embeds = embedding.detach()[tokens].requires_grad_(track)  # [B, L, D]

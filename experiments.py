@@ -403,6 +403,8 @@ def tune(instances):
     adaptive_grid = [replace(boe.SamplerConfig(), estimator=estimator, reveal=reveal, adaptive_pick=pick)
                      for estimator, reveal in ESTIMATORS for pick in ("stuck", "always")]
     scores = {("boe", i): [] for i in range(len(grid))} | {("boe-adaptive", i): [] for i in range(len(adaptive_grid))}
+    default = boe.SamplerConfig()
+    scores["look-first"] = []  # not a configuration of the grid: a rule of its own (look_first), at the defaults
     for task in tasks.TASKS.values():
         prompts, _ = task.make_instances(instances, seed=0)
         solved = lambda tokens: task.check(prompts, tokens)  # noqa: E731
@@ -413,6 +415,13 @@ def tune(instances):
             for i, cfg in enumerate(grid):
                 rows = [evaluate(model, prompts, "", "", "boe", steps, cfg, solved) for steps in budgets]
                 per_model["boe", i].append([sum(r[k] for r in rows) / len(rows) for k in ("accuracy", "fwd_equiv")])
+            looking = []  # [accuracy, fwd-equiv] per budget: the default BoE that looks before it picks
+            for steps in budgets:
+                counts = {name: torch.zeros(instances, dtype=torch.long) for name in ("backwards", "looks", "waits")}
+                tokens, record = boe.generate(model, prompts, steps, look_first(model, default, counts), default)
+                looking.append([solved(tokens).float().mean().item(),
+                                (record["forwards"] + default.backward_cost * counts["backwards"]).float().mean().item()])
+            per_model["look-first"].append([sum(r[k] for r in looking) / len(looking) for k in (0, 1)])
             for i, cfg in enumerate(adaptive_grid):
                 row = evaluate(model, prompts, "", "", "boe-adaptive", answer_length(prompts, task), cfg, solved)
                 per_model["boe-adaptive", i].append([row["accuracy"], row["fwd_equiv"]])
@@ -431,6 +440,9 @@ def tune(instances):
                       f"{cfg.sparse_backward}" if order == "boe" else f"adaptive_pick={cfg.adaptive_pick}"))
             print(f"  {sum(a for a, _ in per_task) / len(per_task):.4f}  {knobs}   " +
                   "  ".join(f"{a:.3f}/{c:.1f}" for a, c in per_task))
+    per_task = scores["look-first"]
+    print(f"\nboe at the defaults, looking before each pick (look_first; one more forward a look):\n"
+          f"  {sum(a for a, _ in per_task) / len(per_task):.4f}   " + "  ".join(f"{a:.3f}/{c:.1f}" for a, c in per_task))
 
 
 # -----------------------------------------------------------------------------
@@ -652,6 +664,69 @@ def waiting_study(instances, train_seed=0, bound=0.1):
               f"{correlation:>13.2f}")
 
 
+def look_first(model, cfg, counts):
+    """Fixed-schedule BoE that looks before it picks: where near-certain tokens alone (the entropy bound's set
+    less its free token) could fill the step's budget, one more forward with them revealed says whether
+    waiting settles anything, that is whether the bound, over the other masked positions, then admits more
+    of them than it does now; if so the step goes by confidence and BoE does not pick. Elsewhere it is `boe`.
+    The look's forward is charged; `counts` (long [B] each) gets BoE's backwards (which an order rule cannot
+    charge itself), the looks, and the looks that waited."""
+
+    def score_look_first(s):
+        own = boe.entropy(s.probs)  # [B, L]
+        n_open = s.masked.sum(1)  # [B]
+        admitted = boe.entropy_bound_count(own, s.masked, cfg.entropy_bound)  # [B]
+        may_pick = (s.budget >= 2) & (s.budget < n_open) & (admitted < n_open)  # [B] where boe would pick
+        look = may_pick & (admitted - 1 >= s.budget)  # [B]
+        wait = torch.zeros_like(look)  # [B]
+        if look.any():
+            positions, valid = boe.top_masked(-own, s.masked, (admitted - 1).clamp_min(0))  # [B, K]
+            near = torch.zeros_like(s.masked).scatter(1, positions, valid)  # [B, L]
+            rows = look.nonzero().flatten()  # [b]
+            others = (s.masked & ~near)[rows]  # [b, L]
+            with torch.no_grad():
+                after = boe.predict(model, torch.where(near, s.probs.argmax(-1), s.tokens)[rows])[1]  # [b, L, V]
+            # the bound over the other masked positions, after the look against now
+            wait[rows] = (boe.entropy_bound_count(boe.entropy(after), others, cfg.entropy_bound)
+                          > boe.entropy_bound_count(own[rows], others, cfg.entropy_bound))
+            s.forwards += look
+        scores = s.probs.max(-1).values  # [B, L] confidence
+        rows = (may_pick & ~wait).nonzero().flatten()  # [b]
+        if len(rows):
+            _, picked, _, charged = boe.boe_step(s.tokens[rows], s.masked[rows], s.budget[rows],
+                                                 model.token_embedding.weight, model.forward_embeds, model.mask_id,
+                                                 cfg, s.progress)
+            scores[rows] = picked
+            counts["backwards"][rows] += charged
+        counts["looks"] += look
+        counts["waits"] += wait
+        return scores
+
+    return score_look_first
+
+
+def look_study(instances, train_seed=0):
+    """Whether BoE's losses where the uncertainty is the model's own are the guesses that waiting avoids:
+    fixed-schedule BoE against the same with a look before each pick (look_first), and confidence."""
+    cfg = boe.SamplerConfig()
+    print(f"\nLooking before a pick (fixed schedule, seed-{train_seed} models, {instances} evaluation instances): "
+          f"accuracy and fwd-equiv; looks an instance, and the share of them that waited")
+    print(f"{'task':<11}{'steps':>6}{'confidence':>16}{'boe':>16}{'boe, looking first':>20}{'looks':>7}{'waited':>8}")
+    for task in tasks.ALL_TASKS.values():
+        prompts, _ = task.make_instances(instances, seed=1)
+        solved = lambda tokens: task.check(prompts, tokens)  # noqa: E731
+        model = suite_model(task, train_seed)
+        for steps in task.steps[:-1]:
+            plain = [evaluate(model, prompts, "", "", order, steps, cfg, solved) for order in ("confidence", "boe")]
+            counts = {name: torch.zeros(instances, dtype=torch.long) for name in ("backwards", "looks", "waits")}
+            tokens, record = boe.generate(model, prompts, steps, look_first(model, cfg, counts), cfg)
+            fwd_equiv = (record["forwards"] + cfg.backward_cost * counts["backwards"]).float().mean().item()
+            looks, waits = int(counts["looks"].sum()), int(counts["waits"].sum())
+            print(f"{task.name:<11}{steps:>6}" + "".join(f"{r['accuracy']:>10.3f}{r['fwd_equiv']:>6.2f}" for r in plain)
+                  + f"{solved(tokens).float().mean():>14.3f}{fwd_equiv:>6.2f}{looks / instances:>7.2f}"
+                  + f"{waits / max(looks, 1):>8.2f}", flush=True)
+
+
 def exact_pick_adaptive(cfg, picks):
     """boe-adaptive with a perfect estimate: where it would pick (the bound admits one token, and enough
     positions are masked for a pick to pay), the masked position whose reveal lowers the other masked
@@ -709,6 +784,7 @@ def picks(instances, train_seed=0):
     stuck_choices(instances, train_seed)
     where_failures_begin(instances, train_seed)
     waiting_study(instances, train_seed)
+    look_study(instances, train_seed)
     first_picks(instances)
     pick_value(instances)
 
@@ -1028,7 +1104,7 @@ def main():
         commands.add_parser(name, help=what).add_argument("--instances", type=int, default=default,
                                                           help=f"how many instances (default {default})")
     commands.choices["picks"].add_argument("--train-seed", type=int, default=0, help="training seed of the models "
-                                           "of the first four studies (default 0; the last two use 0, 1 and 2)")
+                                           "of the first five studies (default 0; the last two use 0, 1 and 2)")
     show_args = commands.add_parser("show", help="one decoding by every rule")
     show_args.add_argument("instance", type=int)
     show_args.add_argument("--task", default="marks", choices=list(tasks.ALL_TASKS))

@@ -417,10 +417,9 @@ def tune(instances):
                 per_model["boe", i].append([sum(r[k] for r in rows) / len(rows) for k in ("accuracy", "fwd_equiv")])
             looking = []  # [accuracy, fwd-equiv] per budget: the default BoE that looks before it picks
             for steps in budgets:
-                counts = {name: torch.zeros(instances, dtype=torch.long) for name in ("backwards", "looks", "waits")}
-                tokens, record = boe.generate(model, prompts, steps, look_first(model, default, counts), default)
+                tokens, record, _ = decode_looking_first(model, prompts, steps, default)
                 looking.append([solved(tokens).float().mean().item(),
-                                (record["forwards"] + default.backward_cost * counts["backwards"]).float().mean().item()])
+                                (record["forwards"] + default.backward_cost * record["backwards"]).float().mean().item()])
             per_model["look-first"].append([sum(r[k] for r in looking) / len(looking) for k in (0, 1)])
             for i, cfg in enumerate(adaptive_grid):
                 row = evaluate(model, prompts, "", "", "boe-adaptive", answer_length(prompts, task), cfg, solved)
@@ -705,6 +704,15 @@ def look_first(model, cfg, counts):
     return score_look_first
 
 
+def decode_looking_first(model, prompts, steps, cfg):
+    """look_first's decoding of `prompts` [n, L]: the tokens, generate's record with BoE's backwards in it (an
+    order rule cannot charge them; generate records none), and the rule's counts."""
+    counts = {name: torch.zeros(len(prompts), dtype=torch.long) for name in ("backwards", "looks", "waits")}
+    tokens, record = boe.generate(model, prompts, steps, look_first(model, cfg, counts), cfg)
+    record["backwards"] = counts["backwards"]
+    return tokens, record, counts
+
+
 def look_study(instances, train_seed=0):
     """Whether BoE's losses where the uncertainty is the model's own are the guesses that waiting avoids:
     fixed-schedule BoE against the same with a look before each pick (look_first), and confidence."""
@@ -718,9 +726,8 @@ def look_study(instances, train_seed=0):
         model = suite_model(task, train_seed)
         for steps in task.steps[:-1]:
             plain = [evaluate(model, prompts, "", "", order, steps, cfg, solved) for order in ("confidence", "boe")]
-            counts = {name: torch.zeros(instances, dtype=torch.long) for name in ("backwards", "looks", "waits")}
-            tokens, record = boe.generate(model, prompts, steps, look_first(model, cfg, counts), cfg)
-            fwd_equiv = (record["forwards"] + cfg.backward_cost * counts["backwards"]).float().mean().item()
+            tokens, record, counts = decode_looking_first(model, prompts, steps, cfg)
+            fwd_equiv = (record["forwards"] + cfg.backward_cost * record["backwards"]).float().mean().item()
             looks, waits = int(counts["looks"].sum()), int(counts["waits"].sum())
             print(f"{task.name:<11}{steps:>6}" + "".join(f"{r['accuracy']:>10.3f}{r['fwd_equiv']:>6.2f}" for r in plain)
                   + f"{solved(tokens).float().mean():>14.3f}{fwd_equiv:>6.2f}{looks / instances:>7.2f}"

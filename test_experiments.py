@@ -654,19 +654,13 @@ def test_waiting_prediction_is_the_directional_derivative_of_the_uncertain_entro
     torch.testing.assert_close(predicted, -slope / uncertain_entropy(embeds), rtol=1e-4, atol=1e-6)
 
 
-def look_first_decoding(model, prompts, steps, cfg):
-    counts = {name: torch.zeros(len(prompts), dtype=torch.long) for name in ("backwards", "looks", "waits")}
-    tokens, record = boe.generate(model, prompts, steps, experiments.look_first(model, cfg, counts), cfg)
-    return tokens, record, counts
-
-
 def test_looking_first_never_looks_at_a_zero_bound_and_is_then_boe(monkeypatch):
     # With gamma = 0 nothing is near-certain, so no step could be filled without an uncertain token.
     monkeypatch.setattr(boe, "ATTENTION_BACKEND", "torch")  # the rule, not the kernel (test_kernel.py), is tested
     model = experiments.suite_model(tasks.MARKS, 0)
     prompts, _ = boe.make_instances(40, seed=7)
     cfg = boe.SamplerConfig(entropy_bound=0.0)
-    tokens, record, counts = look_first_decoding(model, prompts, 3, cfg)
+    tokens, record, counts = experiments.decode_looking_first(model, prompts, 3, cfg)
     want, want_record = boe.generate(model, prompts, 3, "boe", cfg)
     assert not counts["looks"].any() and counts["backwards"].any()
     assert torch.equal(tokens, want) and torch.equal(counts["backwards"], want_record["backwards"])
@@ -679,7 +673,7 @@ def test_looking_first_charges_each_look_and_decodes_as_confidence_where_it_neve
     task = tasks.SUDOKU
     model = experiments.suite_model(task, 3)
     prompts, _ = task.make_instances(60, seed=1)
-    tokens, record, counts = look_first_decoding(model, prompts, 3, boe.SamplerConfig())
+    tokens, record, counts = experiments.decode_looking_first(model, prompts, 3, boe.SamplerConfig())
     steps_run = record["reveal_step"].amax(1) + 1  # [n]
     assert torch.equal(record["forwards"], steps_run + counts["looks"])
     never_picked = counts["backwards"] == 0  # [n]
@@ -694,7 +688,7 @@ def test_looking_first_on_the_built_in_task_looks_waits_never_and_decodes_as_boe
     monkeypatch.setattr(boe, "ATTENTION_BACKEND", "torch")
     model = experiments.suite_model(tasks.MARKS, 0)
     prompts, _ = boe.make_instances(60, seed=1)
-    tokens, record, counts = look_first_decoding(model, prompts, 3, boe.SamplerConfig())
+    tokens, record, counts = experiments.decode_looking_first(model, prompts, 3, boe.SamplerConfig())
     want, want_record = boe.generate(model, prompts, 3, "boe")
     assert counts["looks"].any() and not counts["waits"].any()
     assert torch.equal(tokens, want) and torch.equal(counts["backwards"], want_record["backwards"])

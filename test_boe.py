@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import attn_kernel
 import boe
 import experiments
+import input_checks
 from conftest import needs_triton, run_without_triton
 
 # The model's attention runs the pure-PyTorch ActiveQueryAttention here; the Triton path (interpreted
@@ -1454,15 +1455,16 @@ def test_readme_next_position_logits_fn_gives_the_exact_gradient_through_one_lay
 
 def test_boe_step_runs_when_pasted_with_the_pieces_its_docstring_lists():
     # boe_step's docstring says what a paste into another project needs: section 4 with `entropy`,
-    # `top_masked`, `entropy_bound_count`, SamplerConfig and the input checks. Run exactly those, with
+    # `top_masked`, `entropy_bound_count`, SamplerConfig and input_checks.py. Run exactly those, with
     # boe.py's imports, in a namespace of their own, and compare with boe.boe_step.
     source = open(boe.__file__).read()
     header = source[source.index("import argparse"):source.index("from attn_kernel import")]
+    checks = open(input_checks.__file__).read()
     pieces = [inspect.getsource(obj) for obj in (boe.SamplerConfig, boe.entropy, boe.top_masked,
                                                  boe.entropy_bound_count)]
-    section_4_and_checks = source[source.index("# 4. Backward-on-Entropy"):source.index("# 5. Main")]
+    section_4 = source[source.index("# 4. Backward-on-Entropy"):source.index("# 5. Main")]
     pasted = {"__name__": "pasted"}
-    exec("\n\n".join([header, *pieces, section_4_and_checks]), pasted)
+    exec("\n\n".join([header, checks, *pieces, section_4]), pasted)
     model = random_model()
     prompts = partly_masked_prompts()
     masked = prompts == boe.MASK  # [B, L]

@@ -1,7 +1,7 @@
-"""Input checks of boe.py's entry points (generate, boe_step): every bad input gets an error that names it,
-before it reaches torch. They hold no part of the method; boe.py calls them first thing, and a paste of
-boe_step takes this file along (boe_step's docstring). SamplerConfig's own ranges are checked in boe.py,
-next to the knobs (check_sampler_config).
+"""Input checks of boe.py's entry points (generate, boe_step): every bad input, and every bad output of
+the model or logits_fn they call, gets an error that names it, before it reaches torch. They hold no
+part of the method; a paste of boe_step takes this file along (boe_step's docstring). SamplerConfig's
+own ranges are checked in boe.py (check_sampler_config, the end of section 4).
 """
 import math
 import numbers

@@ -174,6 +174,52 @@ def test_a_rows_step_does_not_depend_on_whether_other_rows_pick(monkeypatch):
         assert torch.equal(a[~odd], b[~odd]), f"{name} of the even rows change when the odd rows pick"
 
 
+def test_tangent_influence_is_the_first_order_drop_of_the_entropy_left():
+    # The paper's TIS at the state, as boe_influence returns it: TIS_i = -d/de H(e + e * delta_i) at 0, the
+    # rate at which moving e_i from E[MASK] towards E[argmax p_i] lowers the masked positions' entropy.
+    # Central differences of that entropy in float64, through a plain forward.
+    model = random_model(torch.float64, 2)
+    tokens = partly_masked_prompts(4, seed=6)
+    masked = tokens == boe.MASK  # [B, L]
+    cfg = boe.SamplerConfig(estimator="tangent", sparse_backward=False)
+    table = model.token_embedding.weight.detach()  # [V, D]
+    logits, _, candidates, _, influence, charged = boe.boe_influence(
+        tokens, masked, torch.full((len(tokens),), 2), table, model.forward_embeds, boe.MASK, cfg)
+    assert charged.all() and torch.equal(candidates, masked)
+    embeds = model.embed(tokens).detach()  # [B, L, D]
+    eps = 1e-5
+    with torch.no_grad():
+        for b, i in masked.nonzero().tolist():
+            step = torch.zeros_like(embeds)  # [B, L, D]
+            step[b, i] = eps * (table[logits[b, i].argmax()] - table[boe.MASK])
+            drop = -(probe_entropy(model, embeds + step, masked) - probe_entropy(model, embeds - step, masked)) / (2 * eps)
+            assert math.isclose(influence[b, i].item(), drop.item(), rel_tol=1e-6, abs_tol=1e-9)
+
+
+def test_a_pick_is_always_among_the_candidates():
+    # The paper's prefilter: the r most confident revealable positions are the candidates, and the picks
+    # (score +inf) come from them, also where a non-candidate's score would rank above a candidate's (the
+    # tangent, a signed score, min-max normalised over the candidates, puts 0 inside their range).
+    model = random_model(torch.float64, 1)
+    tokens = partly_masked_prompts(16, seed=8)
+    masked = tokens == boe.MASK  # [B, L]
+    table = model.token_embedding.weight
+    budget = torch.full((len(tokens),), 2)  # [B]
+    for cfg in (boe.PAPER_BOE, dataclasses.replace(boe.PAPER_BOE, linearize="state", reveal="onehot", candidates=3)):
+        logits, budget_out, candidates, picks, influence, charged = boe.boe_influence(
+            tokens, masked, budget, table, model.forward_embeds, boe.MASK, cfg)
+        _, scores, _, _ = boe.boe_step(tokens, masked, budget, table, model.forward_embeds, boe.MASK, cfg)
+        picked = scores == math.inf  # [B, L]
+        assert charged.any() and torch.equal(picked.sum(1), picks)
+        assert not (picked & ~candidates).any(), f"a pick outside the candidates with {cfg}"
+        probs = logits.softmax(-1)  # [B, L, V]
+        confidence, own_entropy = probs.amax(-1), boe.entropy(probs)  # [B, L]
+        all_scores = boe.boe_scores(influence, candidates, confidence, own_entropy, 1.0, cfg)  # [B, L]
+        outranked = all_scores.masked_fill(~masked | candidates, -math.inf).amax(1) > \
+            all_scores.masked_fill(~candidates, math.inf).amin(1)  # [B] a non-candidate outscores a candidate
+        assert (outranked & charged).any(), "no state where the rule is put to the test"
+
+
 @pytest.mark.parametrize("estimator", ["tangent", "norm", "norm-surprisal", "norm-entropy"])
 @pytest.mark.parametrize("sparse", [True, False])
 def test_fused_step_gives_the_logits_and_influence_of_separate_passes(estimator, sparse):

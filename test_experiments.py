@@ -693,3 +693,25 @@ def test_looking_first_on_the_built_in_task_looks_waits_never_and_decodes_as_boe
     assert counts["looks"].any() and not counts["waits"].any()
     assert torch.equal(tokens, want) and torch.equal(counts["backwards"], want_record["backwards"])
     assert torch.equal(record["forwards"], want_record["forwards"] + counts["looks"])
+
+
+def test_looking_first_looks_only_where_near_certain_tokens_alone_fill_the_budget(monkeypatch):
+    # Rows with 9 masked positions and a budget of 3. Near-certain tokens (entropy 0; the bound admits them and
+    # one uncertain token) number 3 in row 0, enough to fill the step without a guess: it looks, and pays a
+    # forward. Row 1 has 2, so the step must reveal an uncertain token whatever a look shows; in row 2 every
+    # position is near-certain, so BoE has nothing to pick. Neither looks.
+    monkeypatch.setattr(boe, "ATTENTION_BACKEND", "torch")
+    model = experiments.suite_model(tasks.MARKS, 0)
+    prompts, _ = boe.make_instances(3, seed=0)
+    masked = prompts == boe.MASK  # [3, L], 9 a row
+    probs = torch.nn.functional.one_hot(prompts, boe.MASK + 1).float()  # [3, L, V] given tokens: certain
+    probs[masked] = torch.tensor([1 / 3] * 3 + [0.0] * (boe.MASK - 2))  # uncertain: log 3 nats
+    for row, near_certain in enumerate((3, 2, 9)):
+        positions = masked[row].nonzero().flatten()[:near_certain]
+        probs[row, positions] = torch.nn.functional.one_hot(torch.tensor(boe.UNMARKED), boe.MASK + 1).float()
+    counts = {name: torch.zeros(3, dtype=torch.long) for name in ("backwards", "looks", "waits")}
+    forwards = torch.zeros(3, dtype=torch.long)
+    step = boe.Step(model, prompts, masked, probs, torch.tensor([3, 3, 3]), 1.0, boe.SamplerConfig(),
+                    [torch.Generator().manual_seed(b) for b in range(3)], forwards)
+    experiments.look_first(model, boe.SamplerConfig(), counts)(step)
+    assert counts["looks"].tolist() == [1, 0, 0] and forwards.tolist() == [1, 0, 0]

@@ -591,6 +591,7 @@ def boe_step_args(**bad):
     (dict(tokens=torch.zeros(2, 18, dtype=torch.int16)), TypeError, "tokens must be an int64 or int32 tensor"),
     (dict(tokens=torch.zeros(2, 18, dtype=torch.uint8)), TypeError, "tokens must be an int64 or int32 tensor"),
     (dict(tokens=torch.full((2, 18), 99)), ValueError, "token ids must lie in"),
+    (dict(tokens=torch.full((2, 18), 14)), ValueError, r"token ids must lie in \[0, V = 14\)"),  # V itself
     (dict(masked=torch.zeros(2, 18, dtype=torch.long)), TypeError, "masked must be a bool tensor"),
     (dict(masked=torch.zeros(2, 17, dtype=torch.bool)), TypeError, "masked must be a bool tensor"),
     (dict(masked=torch.ones(2, 18, dtype=torch.bool)), ValueError, "masked marks positions whose token"),
@@ -600,6 +601,7 @@ def boe_step_args(**bad):
     (dict(budget=torch.tensor([2])), TypeError, "budget must be an int64 or int32 tensor"),
     (dict(budget=torch.tensor([0, 2], dtype=torch.uint8)), TypeError, "budget must be an int64 or int32 tensor"),
     (dict(budget=torch.tensor([-1, 2])), ValueError, "budget must be >= 0"),
+    (dict(budget=torch.tensor([2, 2], device="meta")), TypeError, "budget must be .* on the device of tokens"),
     (dict(embedding=torch.zeros(14)), TypeError, "embedding must be"),
     (dict(embedding=torch.zeros(14, 32, device="meta")), ValueError, "put them on the model's device"),
     (dict(mask_id=14), ValueError, "mask_id must be an int"),
@@ -610,6 +612,9 @@ def boe_step_args(**bad):
     (dict(logits_fn=lambda embeds, active=None: random_model().forward_embeds(embeds, active) * math.nan), ValueError,
      r"logits_fn returned NaN or \+inf logits"),
     (dict(logits_fn=lambda embeds: embeds), TypeError, "logits_fn must take an `active` keyword"),
+    (dict(logits_fn=lambda embeds, active=None: embeds @ "E"), TypeError, "unsupported operand"),  # its own error
+    (dict(logits_fn=lambda embeds, active=None: random_model().forward_embeds(embeds, active)[:, 1:]), TypeError,
+     r"logits_fn must return float logits \[B, L, V\] with B, L = \(2, 18\)"),  # a row short, as a bad shift gives
     (dict(logits_fn=lambda embeds, active=None: embeds), TypeError,
      r"one logit per row of the embedding table \(V = 14\)"),
     (dict(logits_fn=lambda embeds, active=None: types.SimpleNamespace(logits=embeds)), TypeError,
@@ -954,6 +959,8 @@ def with_attrs(model, **attrs):
      TypeError, r"the model must return float logits \[B, L, V\] = \(2, 18, 14\)"),
     (dict(order=lambda s: s.probs.max(-1).values[0]), TypeError, r"an order rule must return scores \[B, L\]"),
     (dict(order=lambda s: None), TypeError, r"an order rule must return scores \[B, L\]"),
+    (dict(order=lambda s: s.probs.max(-1).values.to(torch.complex64)), TypeError,
+     r"an order rule must return scores \[B, L\]"),
     (dict(order=lambda s: (s.probs.max(-1).values, None)), TypeError, "an order rule's how-many must be"),
     (dict(order=lambda s: (s.probs.max(-1).values, 2, 3)), TypeError, "a tuple of 3"),
 ])

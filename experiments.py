@@ -734,6 +734,67 @@ def look_study(instances, train_seed=0):
                   + f"{waits / max(looks, 1):>8.2f}", flush=True)
 
 
+def pick_or_wait_states(model, prompts, cap, cfg):
+    """The states where adaptive BoE picks, along its own decodings of `prompts` [n, L] (cap steps): each
+    state [N, L], the state with BoE's pick committed, and with the entropy bound's own token (the least
+    uncertain masked position, which the step reveals where BoE does not pick) committed instead, [N, L]
+    each; both at their argmax, one reveal a step either way."""
+    seen = []
+
+    def record(tokens, masked, logits, scores):
+        rows = (scores == math.inf).any(1)  # [B] rows that picked
+        if rows.any():
+            seen.append((tokens[rows], logits[rows], (scores[rows] == math.inf).float().argmax(1)))
+
+    with watching_boe_step(record):
+        boe.generate(model, prompts, cap, "boe-adaptive", cfg)
+    if not seen:
+        empty = prompts[:0]  # [0, L]
+        return empty, empty, empty
+    states, logits, pick = (torch.cat(parts) for parts in zip(*seen))  # [N, L], [N, L, V], [N]
+    own = boe.entropy(logits.softmax(-1)).masked_fill(states != model.mask_id, math.inf)  # [N, L]
+    rows = torch.arange(len(states))  # [N]
+    successors = []
+    for position in (pick, own.argmin(1)):  # BoE's pick, the bound's token
+        successor = states.clone()  # [N, L]
+        successor[rows, position] = logits[rows, position].argmax(-1)
+        successors.append(successor)
+    return states, *successors
+
+
+def narrowing_study(instances, train_seed=0):
+    """What adaptive BoE's pick does to the rest of the decoding: at the steps where it picks, the state with
+    its pick committed against the state with the bound's own token committed, each then finished by the
+    entropy bound. The pick is the reveal that most lowers the others' entropy, so it narrows the answers
+    left the most; whether the model then finishes a narrower state as often is the question."""
+    cfg = boe.SamplerConfig()
+    print(f"\nAdaptive BoE's pick against the bound's own token at the same step, each state finished by the entropy "
+          f"bound (seed-{train_seed} models, {instances} evaluation instances, gamma {cfg.entropy_bound}; at states "
+          f"still completable where the two differ): share solved, valid answers left, forwards to finish")
+    print(f"{'task':<11}{'states':>8}{'solved: pick':>14}{'bound':>7}{'answers: before':>17}{'pick':>6}{'bound':>7}"
+          f"{'forwards: pick':>16}{'bound':>7}")
+    for task in tasks.ALL_TASKS.values():
+        prompts, _ = task.make_instances(instances, seed=1)
+        model = suite_model(task, train_seed)
+        cap = answer_length(prompts, task)
+        states, after_pick, after_bound = pick_or_wait_states(model, prompts, cap, cfg)
+        before = tasks.completions(task, states, states)  # [N]; a state's revealed tokens extend its prompt
+        keep = (before > 0) & (after_pick != after_bound).any(1)  # [N]
+        states, before = states[keep], before[keep]
+        line = f"{task.name:<11}{len(states):>8}"
+        if not len(states):
+            print(line)
+            continue
+        solved, answers, forwards = [], [], []
+        for successor in (after_pick[keep], after_bound[keep]):
+            tokens, record = boe.generate(model, successor, cap, "entropy-bound", cfg)
+            solved.append(task.check(states, tokens).float().mean().item())
+            answers.append(tasks.completions(task, states, successor).float().mean().item())
+            forwards.append(record["forwards"].float().mean().item())
+        print(line + f"{solved[0]:>14.3f}{solved[1]:>7.3f}{before.float().mean():>17.2f}{answers[0]:>6.2f}"
+              f"{answers[1]:>7.2f}{forwards[0]:>16.2f}{forwards[1]:>7.2f}", flush=True)
+
+
 def exact_pick_adaptive(cfg, picks):
     """boe-adaptive with a perfect estimate: where it would pick (the bound admits one token, and enough
     positions are masked for a pick to pay), the masked position whose reveal lowers the other masked
@@ -792,6 +853,7 @@ def picks(instances, train_seed=0):
     where_failures_begin(instances, train_seed)
     waiting_study(instances, train_seed)
     look_study(instances, train_seed)
+    narrowing_study(instances, train_seed)
     first_picks(instances)
     pick_value(instances)
 
@@ -1101,7 +1163,8 @@ def main():
     for name, default, what in (
             ("tune", TUNING, "the grid search behind BoE's defaults, on tuning instances (seed 0)"),
             ("picks", 300, "how often BoE's pick is wrong, which token it picks where the bound is stuck, "
-                           "whether waiting settles the uncertainty, and how many forwards a pick saves"),
+                           "whether waiting settles the uncertainty, what a pick does to the rest, and how many "
+                           "forwards it saves"),
             ("fidelity", 250, "how well TIS ranks reveals against their exact entropy drops"),
             ("ablations", INSTANCES, "BoE with one of its choices changed at a time"),
             ("noise", INSTANCES, "how many decodings tiny changes to the weights change"),
@@ -1111,7 +1174,7 @@ def main():
         commands.add_parser(name, help=what).add_argument("--instances", type=int, default=default,
                                                           help=f"how many instances (default {default})")
     commands.choices["picks"].add_argument("--train-seed", type=int, default=0, help="training seed of the models "
-                                           "of the first five studies (default 0; the last two use 0, 1 and 2)")
+                                           "of the first six studies (default 0; the last two use 0, 1 and 2)")
     show_args = commands.add_parser("show", help="one decoding by every rule")
     show_args.add_argument("instance", type=int)
     show_args.add_argument("--task", default="marks", choices=list(tasks.ALL_TASKS))

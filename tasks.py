@@ -44,12 +44,17 @@ class Task:
     train_steps: int = boe.TrainConfig.steps  # training steps (where not the default, the task says why)
 
 
-def completable(task, prompts, tokens):
-    """bool [n]: whether a valid answer agrees with every revealed position of `tokens` (a partly decoded
-    row; [MASK] agrees with anything)."""
+def completions(task, prompts, tokens):
+    """long [n]: how many valid answers to each prompt agree with every revealed position of `tokens` (a partly
+    decoded row; [MASK] agrees with anything)."""
     mask = task.model_cfg.mask_id
-    return torch.tensor([bool(((sols == row) | (row == mask)).all(1).any())
-                         for sols, row in ((task.solutions(p), r) for p, r in zip(prompts, tokens))])
+    return torch.tensor([int(((sols == row) | (row == mask)).all(1).sum())
+                         for sols, row in ((task.solutions(p), r) for p, r in zip(prompts, tokens))], dtype=torch.long)
+
+
+def completable(task, prompts, tokens):
+    """bool [n]: whether a valid answer agrees with every revealed position of `tokens`."""
+    return completions(task, prompts, tokens) > 0
 
 
 # -----------------------------------------------------------------------------

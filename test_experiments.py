@@ -162,6 +162,22 @@ def test_completable_says_whether_a_valid_answer_agrees_with_the_revealed_tokens
     assert not tasks.completable(tasks.MARKS, prompts, state).any()
 
 
+def test_completions_count_the_valid_answers_that_agree_with_the_revealed_tokens():
+    # A built-in prompt has one valid answer per open cell; a revealed pivot leaves one, a '-' on an open
+    # cell one fewer, and a '*' against the pivot none.
+    prompts, answers = boe.make_instances(20, 0)  # [20, L]
+    n_open = (prompts[:, : boe.N_CELLS] == boe.OPEN).sum(1)  # [20]
+    assert torch.equal(tasks.completions(tasks.MARKS, prompts, prompts), n_open)
+    pivot = prompts.clone()
+    pivot[:, -1] = answers[:, -1]
+    assert (tasks.completions(tasks.MARKS, prompts, pivot) == 1).all()
+    unmarked = prompts.clone()  # [20, L]
+    unmarked[:, boe.PROMPT_LEN:-1] = torch.where(prompts[:, : boe.N_CELLS] == boe.OPEN, boe.MASK, boe.UNMARKED)
+    cell = (prompts[:, : boe.N_CELLS] == boe.OPEN).int().argmax(1)  # [20] the first open cell
+    unmarked[torch.arange(20), boe.PROMPT_LEN + cell] = boe.UNMARKED
+    assert torch.equal(tasks.completions(tasks.MARKS, prompts, unmarked), n_open - 1)
+
+
 def test_corrupt_cache_is_retrained_with_a_message(tmp_path, capsys):
     cache = tmp_path / "model.pt"
     cache.write_bytes(b"not a checkpoint")
@@ -355,7 +371,7 @@ def test_measurement_commands_run_on_the_shipped_models():
         ["noise", "--instances", "10"])
     assert "boe: mean accuracy over tasks (marks, sudoku, countdown)" in tuned and "adaptive_pick=" in tuned
     assert "BoE wrong" in picked and "first pick on marks" in picked and "seed 2" in picked and "bound alone" in picked
-    assert "the exact pick" in picked and "share gone" in picked
+    assert "the exact pick" in picked and "share gone" in picked and "answers: before" in picked
     assert "estimate vs lookahead" in fidelity
     assert "boe (paper, rho=1/2)" in ablations
     assert "boe-adaptive:" in shown and "step 1:" in shown
@@ -715,3 +731,32 @@ def test_looking_first_looks_only_where_near_certain_tokens_alone_fill_the_budge
                     [torch.Generator().manual_seed(b) for b in range(3)], forwards)
     experiments.look_first(model, boe.SamplerConfig(), counts)(step)
     assert counts["looks"].tolist() == [1, 0, 0] and forwards.tolist() == [1, 0, 0]
+
+
+def test_pick_or_wait_states_commit_boes_pick_and_the_bounds_own_token_at_stuck_states(monkeypatch):
+    # At each state the bound is stuck (it admits one token); one successor reveals what boe_step picks there,
+    # the other the least uncertain masked position, as the entropy bound's step would; each at its argmax.
+    monkeypatch.setattr(boe, "ATTENTION_BACKEND", "torch")
+    task = tasks.COUNTDOWN
+    model = experiments.suite_model(task, 0)
+    prompts, _ = task.make_instances(40, seed=1)
+    cfg = boe.SamplerConfig(lam=0.0)  # no penalty: a step's pick does not depend on its progress, which a state hides
+    states, after_pick, after_bound = experiments.pick_or_wait_states(model, prompts, 5, cfg)
+    masked = states == model.mask_id  # [N, L]
+    assert len(states) > 10
+    assert ((after_pick != states).sum(1) == 1).all() and ((after_bound != states).sum(1) == 1).all()
+    logits, probs = boe.predict(model, states)  # [N, L, V]
+    own = boe.entropy(probs)  # [N, L]
+    assert (boe.entropy_bound_count(own, masked, cfg.entropy_bound) == 1).all()
+    argmax = logits.argmax(-1)  # [N, L]
+    least = own.masked_fill(~masked, math.inf).argmin(1)  # [N]
+    want = states.clone()
+    want[torch.arange(len(states)), least] = argmax[torch.arange(len(states)), least]
+    assert torch.equal(after_bound, want)
+    one = torch.ones(len(states), dtype=torch.long)  # [N] the schedule's floor at every state
+    _, scores, _, _ = boe.boe_step(states, masked, one, model.token_embedding.weight, model.forward_embeds,
+                                   model.mask_id, cfg, adaptive=True)
+    picked = scores == math.inf  # [N, L]
+    assert (picked.sum(1) == 1).all()
+    assert torch.equal(after_pick, torch.where(picked, argmax, states))
+    assert (after_pick != after_bound).any()

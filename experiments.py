@@ -734,7 +734,7 @@ def look_study(instances, train_seed=0):
                   + f"{waits / max(looks, 1):>8.2f}", flush=True)
 
 
-def pick_or_wait_states(model, prompts, cap, cfg):
+def pick_successors(model, prompts, cap, cfg):
     """The states where adaptive BoE picks, along its own decodings of `prompts` [n, L] (cap steps): each
     state [N, L], the state with BoE's pick committed, and with the entropy bound's own token (the least
     uncertain masked position, which the step reveals where BoE does not pick) committed instead, [N, L]
@@ -765,8 +765,8 @@ def pick_or_wait_states(model, prompts, cap, cfg):
 def narrowing_study(instances, train_seed=0):
     """What adaptive BoE's pick does to the rest of the decoding: at the steps where it picks, the state with
     its pick committed against the state with the bound's own token committed, each then finished by the
-    entropy bound. The pick is the reveal that most lowers the others' entropy, so it narrows the answers
-    left the most; whether the model then finishes a narrower state as often is the question."""
+    entropy bound. The pick is BoE's estimate of the reveal that most lowers the others' entropy, so it should
+    narrow the answers left the most; whether the model then finishes a narrower state as often is the question."""
     cfg = boe.SamplerConfig()
     print(f"\nAdaptive BoE's pick against the bound's own token at the same step, each state finished by the entropy "
           f"bound (seed-{train_seed} models, {instances} evaluation instances, gamma {cfg.entropy_bound}; at states "
@@ -777,7 +777,7 @@ def narrowing_study(instances, train_seed=0):
         prompts, _ = task.make_instances(instances, seed=1)
         model = suite_model(task, train_seed)
         cap = answer_length(prompts, task)
-        states, after_pick, after_bound = pick_or_wait_states(model, prompts, cap, cfg)
+        states, after_pick, after_bound = pick_successors(model, prompts, cap, cfg)
         before = tasks.completions(task, states, states)  # [N]; a state's revealed tokens extend its prompt
         keep = (before > 0) & (after_pick != after_bound).any(1)  # [N]
         states, before = states[keep], before[keep]

@@ -733,7 +733,7 @@ def test_looking_first_looks_only_where_near_certain_tokens_alone_fill_the_budge
     assert counts["looks"].tolist() == [1, 0, 0] and forwards.tolist() == [1, 0, 0]
 
 
-def test_pick_or_wait_states_commit_boes_pick_and_the_bounds_own_token_at_stuck_states(monkeypatch):
+def test_pick_successors_commit_boes_pick_and_the_bounds_own_token_at_stuck_states(monkeypatch):
     # At each state the bound is stuck (it admits one token); one successor reveals what boe_step picks there,
     # the other the least uncertain masked position, as the entropy bound's step would; each at its argmax.
     monkeypatch.setattr(boe, "ATTENTION_BACKEND", "torch")
@@ -741,7 +741,7 @@ def test_pick_or_wait_states_commit_boes_pick_and_the_bounds_own_token_at_stuck_
     model = experiments.suite_model(task, 0)
     prompts, _ = task.make_instances(40, seed=1)
     cfg = boe.SamplerConfig(lam=0.0)  # no penalty: a step's pick does not depend on its progress, which a state hides
-    states, after_pick, after_bound = experiments.pick_or_wait_states(model, prompts, 5, cfg)
+    states, after_pick, after_bound = experiments.pick_successors(model, prompts, 5, cfg)
     masked = states == model.mask_id  # [N, L]
     assert len(states) > 10
     assert ((after_pick != states).sum(1) == 1).all() and ((after_bound != states).sum(1) == 1).all()

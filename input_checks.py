@@ -39,7 +39,7 @@ def call_logits_fn(logits_fn, embeds, active=None, vocab=None):
     try:
         logits = logits_fn(embeds) if active is None else logits_fn(embeds, active=active)  # [B, L, V]
     except TypeError as err:
-        if active is not None and "active" in str(err):
+        if active is not None and "unexpected keyword argument 'active'" in str(err):  # Python's own words
             raise TypeError("logits_fn must take an `active` keyword (bool [B, L]: the rows the backward "
                             "follows; see attn_kernel.sdpa_active_rows), or set sparse_backward=False") from err
         raise

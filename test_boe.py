@@ -560,6 +560,10 @@ def test_boe_step_scores_only_revealable_masked_positions(cfg):
     assert torch.equal(scores > -math.inf, masked & block)
 
 
+def rejects_its_active_rows(embeds, active=None):
+    raise TypeError(f"this model wants active as a list, not a {type(active).__name__}")
+
+
 def boe_step_args(**bad):
     model = random_model()
     tokens = partly_masked_prompts(2)
@@ -597,6 +601,7 @@ def boe_step_args(**bad):
      r"logits_fn returned NaN or \+inf logits"),
     (dict(logits_fn=lambda embeds: embeds), TypeError, "logits_fn must take an `active` keyword"),
     (dict(logits_fn=lambda embeds, active=None: embeds @ "E"), TypeError, "unsupported operand"),  # its own error
+    (dict(logits_fn=rejects_its_active_rows), TypeError, "wants active as a list"),  # its own error, about `active`
     (dict(logits_fn=lambda embeds, active=None: random_model().forward_embeds(embeds, active)[:, 1:]), TypeError,
      r"logits_fn must return float logits \[B, L, V\] with B, L = \(2, 18\)"),  # a row short, as a bad shift gives
     (dict(logits_fn=lambda embeds, active=None: embeds), TypeError,

@@ -760,3 +760,30 @@ def test_pick_successors_commit_boes_pick_and_the_bounds_own_token_at_stuck_stat
     assert (picked.sum(1) == 1).all()
     assert torch.equal(after_pick, torch.where(picked, argmax, states))
     assert (after_pick != after_bound).any()
+
+
+def test_reveal_drops_are_the_probes_entropy_with_the_candidate_masked_minus_revealed():
+    # The fidelity study's "target": candidate i moves from E[MASK] to its reveal, every other position keeping
+    # its embedding in the context, here one where candidates sit at other embeddings (as at the surrogate).
+    torch.manual_seed(0)
+    model = boe.MaskedDiffusionTransformer(boe.ModelConfig(n_layer=2, n_head=2, d_model=32)).double().eval()
+    prompts, _ = boe.make_instances(3, seed=2)
+    context = model.embed(prompts).detach() + 0.3 * torch.randn(*prompts.shape, 32, dtype=torch.float64)  # [B, L, D]
+    reveal_embeds = torch.randn(context.shape, dtype=torch.float64)  # [B, L, D]
+    positions = torch.tensor([[9, 12, 17], [10, 11, 12], [17, 16, 15]])  # [B, K]
+    valid = torch.tensor([[True, True, False], [True, False, True], [True, True, True]])  # [B, K]
+    probes = prompts == boe.MASK  # [B, L]
+    drops = experiments.reveal_drops(model, context, reveal_embeds, positions, valid, probes)  # [B, K]
+
+    def probe_entropy(embeds):  # [L, D] -> the probes' summed entropy, [MASK] never predicted
+        logits = model.forward_embeds(embeds[None])[0, :, : boe.MASK]  # [L, V - 1], [MASK] is the last id
+        return torch.special.entr(logits.softmax(-1)).sum(-1)[probes[b]].sum()
+
+    with torch.no_grad():
+        for b in range(3):
+            for k in range(3):
+                before, after = context[b].clone(), context[b].clone()  # [L, D]
+                before[positions[b, k]] = model.token_embedding.weight[boe.MASK]
+                after[positions[b, k]] = reveal_embeds[b, positions[b, k]]
+                want = probe_entropy(before) - probe_entropy(after) if valid[b, k] else 0.0
+                assert math.isclose(drops[b, k].item(), float(want), abs_tol=1e-5)  # drops: float32 entropies

@@ -691,6 +691,32 @@ def test_bench_checks_flag_a_wrong_forward_and_wrong_gradients(wrong):
     assert bench.check_gradients(reference, reference, q, k, v, dout.detach(), active, "right")["ok"]
 
 
+def test_bench_goals_count_only_sizes_whose_checks_passed():
+    # A fast but wrong kernel meets nothing: a goal is measured only where the Triton forward (and, for a
+    # sparse size, its gradients) passed their checks; the targets compare in the goal's direction.
+    import bench
+    rows = [dict(impl="triton", L=4096, D=64, rho="1/4", both_speedup=2.0, bwd_speedup=5.0, fwd_ratio=1.05,
+                 both_ms=1.0),
+            dict(impl="torch", L=4096, D=64, rho="1/4", both_speedup=1.0, bwd_speedup=2.0, fwd_ratio=1.3,
+                 both_ms=1.0)]
+    boe_rows = [dict(step=bench.BOE_GOAL_STEP, x_confidence=2.5)]
+    checks = [dict(check="forward", what="triton L=4096 D=64", ok=True),
+              dict(check="gradients", what="triton L=4096 D=64 rho=1/4", ok=True)]
+    met = {goal["goal"]: (goal["measured"], goal["met"]) for goal in bench.goals(rows, boe_rows, checks)}
+    assert met["fwd+bwd speed-up over flash, L=4096 D=64 rho=1/4 (ideal 2.15)"] == (2.0, True)  # >= 1.9
+    assert met["fwd+bwd speed-up over flash, L=4096 D=128 rho=1/4 (ideal 2.15)"] == (None, None)  # not run
+    assert met["triton fwd / flash fwd, L=4096 D=64"] == (1.05, True)  # <= 1.1
+    assert met["PyTorch path fwd+bwd / Triton fwd+bwd, worst at L>=2048 rho<=1/2"] == (1.0, True)  # at the target
+    assert met["BoE step (Triton) / confidence step"] == (2.5, True)  # <= 2.5, at the target
+    wrong_gradients = [checks[0], dict(checks[1], ok=False)]
+    met = {goal["goal"]: (goal["measured"], goal["met"]) for goal in bench.goals(rows, boe_rows, wrong_gradients)}
+    assert met["fwd+bwd speed-up over flash, L=4096 D=64 rho=1/4 (ideal 2.15)"] == (None, None)
+    assert met["triton fwd / flash fwd, L=4096 D=64"] == (1.05, True)  # the forward's check still passed
+    assert met["PyTorch path fwd+bwd / Triton fwd+bwd, worst at L>=2048 rho<=1/2"] == (None, None)
+    met = {goal["goal"]: (goal["measured"], goal["met"]) for goal in bench.goals(rows, boe_rows, [])}
+    assert met["triton fwd / flash fwd, L=4096 D=64"] == (None, None)
+
+
 def test_bench_cpu_path_runs_without_triton_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     result = run_without_triton("import runpy; runpy.run_path('bench.py', run_name='__main__')",

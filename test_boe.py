@@ -57,6 +57,70 @@ def probe_entropy(model, embeds, probes):
 
 
 # -----------------------------------------------------------------------------
+# Model and training
+
+
+def test_block_is_pre_norm_attention_then_pre_norm_mlp():
+    # Block's docstring, written out with its own parameters: x + attn(ln(x)), then x + mlp(ln(x)).
+    model = random_model(torch.float64)
+    block = model.blocks[0]
+    x = torch.randn(2, boe.SEQ_LEN, SMALL.d_model, dtype=torch.float64)  # [B, L, D]
+    B, L, D = x.shape
+    qkv = block.qkv(F.layer_norm(x, (D,), block.ln_attn.weight, block.ln_attn.bias))  # [B, L, 3D]
+    q, k, v = (part.view(B, L, SMALL.n_head, -1).transpose(1, 2) for part in qkv.split(D, -1))  # [B, H, L, Dh]
+    heads = ((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])).softmax(-1) @ v  # [B, H, L, Dh]
+    mid = x + block.proj(heads.transpose(1, 2).reshape(B, L, D))  # [B, L, D]
+    want = mid + block.mlp(F.layer_norm(mid, (D,), block.ln_mlp.weight, block.ln_mlp.bias))  # [B, L, D]
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, None), want)
+
+
+class UniformModel:
+    """A stand-in that predicts every token with the same probability and records what it was shown."""
+    mask_id = boe.MASK
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, tokens):
+        self.seen.append(tokens)
+        return torch.zeros(*tokens.shape, boe.MASK + 1)  # [n, L, V]: NLL log V everywhere
+
+
+def test_masked_diffusion_loss_masks_answers_only_and_is_unbiased_where_every_nll_is_equal():
+    # The MDM objective masks each answer position with probability t and weights by 1 / t: given t, the
+    # expected number masked is t times the positions to fill, so where every token's NLL is the same c the
+    # loss averages to c (without the weight, to c / 2). Prompt positions are never masked.
+    prompts, answers = boe.make_instances(20000, seed=5)
+    model = UniformModel()
+    loss = boe.masked_diffusion_loss(model, prompts, answers, torch.Generator().manual_seed(0))
+    assert math.isclose(loss.item(), math.log(boe.MASK + 1), rel_tol=0.05)
+    (shown,) = model.seen
+    given = prompts != boe.MASK  # [n, L]
+    assert torch.equal(shown[given], answers[given]) and (shown == boe.MASK).any()
+
+
+def test_training_decays_the_learning_rate_by_cosine_to_a_tenth_and_restores_the_thread_count(monkeypatch):
+    rates = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # train runs on one thread, then gives back what it found
+    try:
+        boe.train(SMALL, boe.TrainConfig(steps=8, batch_size=4, lr=1e-3, cache=""))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+    want = [1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / 8))) for step in range(1, 9)]
+    assert rates == pytest.approx(want) and rates[-1] == pytest.approx(1e-4)
+
+
+# -----------------------------------------------------------------------------
 # Token Influence Score
 
 

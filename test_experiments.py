@@ -190,6 +190,21 @@ def test_corrupt_cache_is_retrained_with_a_message(tmp_path, capsys):
         assert torch.equal(a, b)
 
 
+def test_cache_of_other_settings_is_retrained_and_retrain_trains_a_valid_one(tmp_path, capsys):
+    # Weights are reused only where every setting that made them matches: here the training steps differ.
+    cache = str(tmp_path / "model.pt")
+    model_cfg = boe.ModelConfig(n_layer=1, d_model=16)
+    experiments.load_or_train(model_cfg, boe.TrainConfig(steps=2, batch_size=8, cache=cache))
+    capsys.readouterr()
+    longer = boe.TrainConfig(steps=3, batch_size=8, cache=cache)
+    experiments.load_or_train(model_cfg, longer)
+    out = capsys.readouterr().out
+    assert "was trained with other settings; retraining" in out and "train step     3/3" in out
+    assert torch.load(cache, weights_only=True)["configs"]["train"]["steps"] == 3
+    experiments.load_or_train(model_cfg, longer, retrain=True)  # valid, but asked to retrain
+    assert "train step     3/3" in capsys.readouterr().out
+
+
 def run(*args, timeout=600):
     """The stdout of `python experiments.py *args`, run as a user runs it (no TRITON_INTERPRET)."""
     return run_each(args, timeout=timeout)[0]

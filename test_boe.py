@@ -525,6 +525,28 @@ def test_generate_on_gpu_matches_cpu(order, cfg):
     assert torch.equal(gpu_record["reveal_step"].cpu(), record["reveal_step"])
 
 
+@pytest.mark.parametrize("order, ranking", [("left-to-right", [9, 10, 11, 12]), ("confidence", [12, 9, 10, 11]),
+                                            ("margin", [12, 10, 11, 9]), ("entropy", [12, 9, 11, 10])])
+def test_a_baseline_ranks_the_masked_positions_as_its_name_says(order, ranking):
+    # Four masked positions whose confidence, margin and entropy orders all differ:
+    #   position  probabilities            confidence  margin  entropy
+    #    9        0.50, 0.50                   0.50      0.00     0.69
+    #   10        0.45, 0.10 x 5, 0.05         0.45      0.35     1.66
+    #   11        0.34, 0.33, 0.33             0.34      0.01     1.10
+    #   12        0.90, 0.10                   0.90      0.80     0.33
+    tokens = boe.make_instances(1, seed=0)[0]  # [1, L]
+    tokens[0, 13:] = boe.SEP  # given: only 9 to 12 are masked
+    masked = tokens == boe.MASK  # [1, L]
+    probs = torch.nn.functional.one_hot(tokens.clamp_max(boe.MASK - 1), boe.MASK + 1).float()  # [1, L, V]
+    for position, head in ((9, [0.5, 0.5]), (10, [0.45] + [0.1] * 5 + [0.05]), (11, [0.34, 0.33, 0.33]),
+                           (12, [0.9, 0.1])):
+        probs[0, position] = torch.tensor(head + [0.0] * (boe.MASK + 1 - len(head)))
+    step = boe.Step(None, tokens, masked, probs, torch.ones(1, dtype=torch.long), 1.0, boe.SamplerConfig(),
+                    [torch.Generator()], torch.zeros(1, dtype=torch.long))
+    scores = boe.ORDER_RULES[order](step)  # [1, L]
+    assert scores.masked_fill(~masked, -math.inf).argsort(dim=1, descending=True, stable=True)[0, :4].tolist() == ranking
+
+
 def test_sampling_at_high_temperature_never_commits_mask():
     model = random_model()
     prompts, _ = boe.make_instances(50, 0)

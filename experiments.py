@@ -889,6 +889,14 @@ def reveal_drops(model, context, reveal_embeds, positions, valid, probes):
 FIDELITY_PAIRS = (("estimate", "target"), ("target", "alone"), ("alone", "hard"), ("estimate", "lookahead"))
 
 
+def spearman(a, b):
+    """Spearman's rank correlation of two score vectors [k] (ties ranked in order of position): the Pearson
+    correlation of their ranks."""
+    ra, rb = (x.argsort(-1).argsort(-1).double() for x in (a, b))  # [k], [k] ranks 0 .. k-1
+    ra, rb = ra - ra.mean(), rb - rb.mean()  # [k], [k]
+    return ((ra * rb).sum() / (ra.norm() * rb.norm())).item()
+
+
 def tis_fidelity(model, prompts, steps_list, cfg):
     """How well BoE's estimate ranks its candidates along its own decodings (one per budget in
     steps_list), over the decisions that use it with at least 3 candidates: the mean Spearman
@@ -906,9 +914,6 @@ def tis_fidelity(model, prompts, steps_list, cfg):
                  positions: estimate vs lookahead is the error of the whole approximation"""
     results = {pair: ([], []) for pair in FIDELITY_PAIRS}  # pair -> (correlations, agreements)
     table = model.token_embedding.weight.detach()  # [V, D]
-
-    def rank(x):
-        return x.argsort(-1).argsort(-1).float()  # [k]
 
     def score_and_compare(s):
         logits, _, candidates, picks, influence, charged = boe.boe_influence(s.tokens, s.masked, s.budget, table,
@@ -932,8 +937,7 @@ def tis_fidelity(model, prompts, steps_list, cfg):
                 if at_state and pair == ("target", "alone"):
                     continue
                 a, b = (scores[name][row, valid[row]] for name in pair)  # [k], [k]
-                ra, rb = rank(a) - rank(a).mean(), rank(b) - rank(b).mean()  # [k], [k]
-                results[pair][0].append(((ra * rb).sum() / (ra.norm() * rb.norm())).item())
+                results[pair][0].append(spearman(a, b))
                 results[pair][1].append(bool(a.argmax() == b.argmax()))
         # Decode on as generate's "boe" would: the picks by BoE's score, the rest by confidence.
         probs = logits.softmax(-1)  # [B, L, V]

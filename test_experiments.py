@@ -802,3 +802,15 @@ def test_reveal_drops_are_the_probes_entropy_with_the_candidate_masked_minus_rev
                 after[positions[b, k]] = reveal_embeds[b, positions[b, k]]
                 want = probe_entropy(before) - probe_entropy(after) if valid[b, k] else 0.0
                 assert math.isclose(drops[b, k].item(), float(want), abs_tol=1e-5)  # drops: float32 entropies
+
+
+def test_spearman_is_one_minus_six_sum_of_squared_rank_differences_over_k_k2_minus_1():
+    # Without ties, Spearman's rho = 1 - 6 sum d_i^2 / (k (k^2 - 1)), d_i the difference of i's two ranks.
+    gen = torch.Generator().manual_seed(0)
+    for k in (3, 5, 17):
+        for _ in range(20):
+            a, b = torch.randn(k, generator=gen), torch.randn(k, generator=gen)  # [k], [k] no ties
+            d = a.argsort().argsort() - b.argsort().argsort()  # [k]
+            want = 1 - 6 * (d.double() ** 2).sum().item() / (k * (k * k - 1))
+            assert math.isclose(experiments.spearman(a, b), want, abs_tol=1e-12)
+    assert experiments.spearman(torch.arange(4.0), -torch.arange(4.0)) == pytest.approx(-1)
